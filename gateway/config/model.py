@@ -1,0 +1,295 @@
+"""The gateway's configuration as frozen objects, parsed once at start.
+
+``load_config(path)`` reads the YAML, checks every section and either returns
+a ``Config`` or raises ``ConfigError`` with every problem found.  Nothing here
+runs per request.  Sections owned by later stages (auth, pinning, policies)
+are parsed by their own modules so that each stage's settings live next to it.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import ConfigError, Problem
+from .reader import Reader
+from .yamlloc import LDict, Loc, load_file
+
+SERVER_NAME = r"[a-z0-9][a-z0-9_-]{0,62}"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str
+    port: int
+    loc: Loc
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.host)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    kind: str                 # "memory" | "redis"
+    url: str = ""
+    prefix: str = "mcpgw:"
+    session_ttl: float = 24 * 3600
+    loc: Loc | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 4 * MiB          # request body; 413 past this
+    max_response_bytes: int = 16 * MiB     # only for responses the gateway must inspect whole
+    max_sse_event_bytes: int = 16 * MiB    # one SSE event being framed for inspection
+    connect_timeout: float = 5.0
+    read_timeout: float = 300.0            # upstream silence (headers or between bytes) -> 504
+    max_connections_per_server: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()     # besides the public_url host
+    trust_forwarded_host: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+    audit: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    name: str
+    url: str
+    mount_path: str              # /mcp/<name>
+    resource_url: str            # <public_url>/mcp/<name>: RFC 8707 audience, RFC 9728 resource
+    loc: Loc
+    credentials: Any = None      # upstream credentials (gateway.auth.config)
+    auth: Any = None             # per-server auth restrictions (gateway.auth.config)
+    pinning: Any = None          # tool pinning settings (gateway.inspect.pinning)
+    connect_timeout: float = 5.0
+    read_timeout: float = 300.0
+    max_connections: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    listen: Listener
+    admin: Listener
+    public_url: str
+    public_host: str             # host[:port] clients must send in Host
+    store: StoreConfig
+    auth: Any                    # gateway.auth.config.AuthConfig
+    http: HttpConfig
+    limits: Limits
+    logging: LoggingConfig
+    shutdown_grace: float
+    servers: dict[str, ServerConfig]
+    policies_path: str | None = None
+    policies: Any = None         # loaded policy set (gateway.policy)
+    pinning_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _listener(r: Reader, key: str, default_port: int) -> Listener:
+    sub = r.mapping(key, required=True)
+    host = sub.str("host", "127.0.0.1")
+    port = sub.int("port", default_port, min=0, max=65535)
+    sub.done()
+    return Listener(host or "127.0.0.1", port if port is not None else default_port, sub.loc)
+
+
+def _public_url(r: Reader) -> tuple[str, str]:
+    url = r.str("public_url", "", required=True) or ""
+    if not url:
+        return "http://127.0.0.1", "127.0.0.1"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        r.error("public_url", f"public_url must be an absolute http(s) URL; got {url!r}")
+    if parts.query or parts.fragment:
+        r.error("public_url", "public_url must not have a query or fragment")
+    if parts.scheme == "http" and parts.hostname and not is_loopback_host(parts.hostname):
+        r.error("public_url", "public_url must be https unless it is a loopback address "
+                "(OAuth 2.1 requires TLS; terminate it in front of the gateway)")
+    # RFC 8707 canonical form: lower-case scheme and host, no trailing slash.
+    netloc = (parts.hostname or "").lower()
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    canonical = f"{parts.scheme.lower()}://{netloc}{parts.path.rstrip('/')}"
+    return canonical, netloc
+
+
+def _store(r: Reader) -> StoreConfig:
+    r.seen.add("store")
+    value = r.node.get("store", "memory")
+    loc = r.at("store")
+    if isinstance(value, str):
+        url, prefix, ttl = value, "mcpgw:", 24 * 3600.0
+    elif isinstance(value, LDict):
+        sub = Reader(value, r.problems, "store")
+        url = sub.str("url", "memory") or "memory"
+        prefix = sub.str("prefix", "mcpgw:") or "mcpgw:"
+        ttl = sub.duration("session_ttl", 24 * 3600.0, min=1)
+        sub.done()
+    else:
+        r.error("store", "store must be 'memory', a redis:// URL, or a mapping with url/prefix")
+        return StoreConfig("memory", loc=loc)
+    if url == "memory":
+        return StoreConfig("memory", prefix=prefix, session_ttl=ttl, loc=loc)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return StoreConfig("redis", url=url, prefix=prefix, session_ttl=ttl, loc=loc)
+    r.error("store", f"store must be 'memory' or a redis:// URL; got {url!r}")
+    return StoreConfig("memory", loc=loc)
+
+
+def _limits(r: Reader) -> Limits:
+    sub = r.mapping("limits")
+    d = Limits()
+    limits = Limits(
+        max_body_bytes=sub.size("max_body_bytes", d.max_body_bytes),
+        max_response_bytes=sub.size("max_response_bytes", d.max_response_bytes),
+        max_sse_event_bytes=sub.size("max_sse_event_bytes", d.max_sse_event_bytes),
+        connect_timeout=sub.duration("connect_timeout", d.connect_timeout, min=0.001),
+        read_timeout=sub.duration("read_timeout", d.read_timeout, min=0.001),
+        max_connections_per_server=sub.int("max_connections_per_server", d.max_connections_per_server, min=1),
+    )
+    sub.done()
+    return limits
+
+
+def _origin_ok(origin: str) -> bool:
+    parts = urlsplit(origin)
+    return bool(parts.scheme and parts.netloc) and not parts.path.strip("/") and not parts.query
+
+
+def _http(r: Reader) -> HttpConfig:
+    sub = r.mapping("http")
+    origins = sub.str_list("allowed_origins")
+    for origin in origins:
+        if origin != "*" and not _origin_ok(origin):
+            sub.error("allowed_origins", f"allowed origin {origin!r} must look like https://host[:port]")
+        if origin == "*":
+            sub.error("allowed_origins", "'*' is not accepted: list the origins browsers may call from")
+    hosts = sub.str_list("allowed_hosts")
+    trust = sub.bool("trust_forwarded_host", False)
+    sub.done()
+    return HttpConfig(tuple(o.rstrip("/") for o in origins), tuple(h.lower() for h in hosts), trust)
+
+
+def _logging(r: Reader) -> LoggingConfig:
+    sub = r.mapping("logging")
+    cfg = LoggingConfig(
+        level=sub.str("level", "info", choices=("debug", "info", "warning", "error")),
+        audit=sub.bool("audit", True),
+    )
+    sub.done()
+    return cfg
+
+
+def _servers(r: Reader, public_url: str, limits: Limits, ctx: dict[str, Any]) -> dict[str, ServerConfig]:
+    from ..auth.config import parse_server_auth, parse_server_credentials
+    from ..inspect.pinning_config import parse_pinning
+
+    sub = r.mapping("servers", required=True)
+    servers: dict[str, ServerConfig] = {}
+    for name in list(sub.node):
+        sub.seen.add(name)
+        if not isinstance(name, str) or not re.fullmatch(SERVER_NAME, name):
+            sub.error(name, f"server name {name!r} must match {SERVER_NAME} (it becomes the URL path /mcp/<name>)")
+            continue
+        s = Reader(sub.node[name], r.problems, f"servers.{name}", sub.at(name))
+        url = s.str("url", "", required=True) or ""
+        if url:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                s.error("url", f"servers.{name}.url must be an absolute http(s) URL; got {url!r}")
+        mount = f"/mcp/{name}"
+        server = ServerConfig(
+            name=name,
+            url=url,
+            mount_path=mount,
+            resource_url=f"{public_url}{mount}",
+            loc=sub.at(name),
+            credentials=parse_server_credentials(s, ctx),
+            auth=parse_server_auth(s, ctx),
+            pinning=parse_pinning(s, ctx),
+            connect_timeout=s.duration("connect_timeout", limits.connect_timeout, min=0.001),
+            read_timeout=s.duration("read_timeout", limits.read_timeout, min=0.001),
+            max_connections=s.int("max_connections", limits.max_connections_per_server, min=1),
+        )
+        s.done()
+        servers[name] = server
+    if not servers and sub.ok and "servers" in r.node:
+        sub.error(None, "servers must name at least one MCP server")
+    return servers
+
+
+def parse_config(node: Any, path: str, problems: list[Problem], *, check_secrets: bool = True) -> Config | None:
+    from ..auth.config import parse_auth
+
+    r = Reader(node, problems, "", Loc(path, 1, 1))
+    if node is None:
+        problems.append(Problem(Loc(path, 1, 1), "the config file is empty"))
+        return None
+    ctx: dict[str, Any] = {"path": path, "base_dir": os.path.dirname(os.path.abspath(path)),
+                           "check_secrets": check_secrets}
+    r.str("$schema")   # editors' schema pointer, allowed and ignored
+    listen = _listener(r, "listen", 8080)
+    admin = _listener(r, "admin", 9464)
+    public_url, public_host = _public_url(r)
+    ctx["public_url"] = public_url
+    store = _store(r)
+    limits = _limits(r)
+    http = _http(r)
+    logging_cfg = _logging(r)
+    auth = parse_auth(r, ctx, listen)
+    shutdown_grace = r.duration("shutdown_grace", 30.0)
+    policies_path = r.str("policies")
+    pins_dir = r.str("pins")
+    servers = _servers(r, public_url, limits, ctx)
+    r.done()
+    if listen.port and admin.port and listen.port == admin.port and listen.host == admin.host:
+        problems.append(Problem(admin.loc, "admin must not share the public listener: /metrics and /readyz "
+                                           "stay off the public port"))
+    base = ctx["base_dir"]
+    if policies_path is not None and not os.path.isabs(policies_path):
+        policies_path = os.path.normpath(os.path.join(base, policies_path))
+    if pins_dir is not None and not os.path.isabs(pins_dir):
+        pins_dir = os.path.normpath(os.path.join(base, pins_dir))
+    return Config(
+        path=path, listen=listen, admin=admin, public_url=public_url, public_host=public_host,
+        store=store, auth=auth, http=http, limits=limits, logging=logging_cfg,
+        shutdown_grace=shutdown_grace, servers=servers, policies_path=policies_path,
+        pinning_dir=pins_dir if pins_dir is not None else policies_path,
+    )
+
+
+def load_config(path: str, *, check_secrets: bool = True) -> Config:
+    """Parse and validate ``path``; raise ``ConfigError`` listing every problem."""
+    node, problems = load_file(path)
+    config = None
+    if node is not None or not problems:
+        config = parse_config(node, path, problems, check_secrets=check_secrets)
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config

@@ -1,0 +1,169 @@
+"""Strict YAML loading that remembers where every value came from.
+
+PyYAML silently keeps the last of two duplicate keys and reads the YAML 1.1
+words ``yes/no/on/off`` as booleans.  Config and policy files are security
+decisions, so both are errors here, and every mapping keeps the ``file:line:col``
+of each key so later validation can point at the exact spot.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError, Problem
+
+
+@dataclass(frozen=True, slots=True)
+class Loc:
+    """A position in a source file (1-based line and column)."""
+
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+class LDict(dict):
+    """A mapping that remembers the location of itself and of each key."""
+
+    __slots__ = ("loc", "key_locs")
+
+    def __init__(self, loc: Loc) -> None:
+        super().__init__()
+        self.loc = loc
+        self.key_locs: dict[Any, Loc] = {}
+
+    def at(self, key: Any) -> Loc:
+        """Location of ``key`` (or of the mapping when the key is absent)."""
+        return self.key_locs.get(key, self.loc)
+
+
+class LList(list):
+    """A sequence that remembers its location and the location of each item."""
+
+    __slots__ = ("loc", "item_locs")
+
+    def __init__(self, loc: Loc) -> None:
+        super().__init__()
+        self.loc = loc
+        self.item_locs: list[Loc] = []
+
+    def at(self, index: int) -> Loc:
+        return self.item_locs[index] if 0 <= index < len(self.item_locs) else self.loc
+
+
+# YAML 1.1 reads these plain scalars as booleans; YAML 1.2 (and every reader
+# of the file) reads them as words.  Refuse the ambiguity instead of guessing.
+_YAML11_BOOL = re.compile(r"^(?:y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF)$")
+# Sexagesimal ints/floats (``1:30`` -> 90) and leading-zero octals are the other
+# YAML 1.1 traps.
+_YAML11_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+_YAML11_OCTAL = re.compile(r"^[-+]?0[0-7_]+$")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader whose booleans are only true/false (YAML 1.2 core schema)."""
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
+def _loc(file: str, node: yaml.Node) -> Loc:
+    return Loc(file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _convert(file: str, node: yaml.Node, loader: _StrictLoader, problems: list[Problem]) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)
+        out = LDict(_loc(file, node))
+        for key_node, value_node in node.value:
+            key = _convert(file, key_node, loader, problems)
+            if isinstance(key, (LDict, LList)):
+                problems.append(Problem(_loc(file, key_node), "a mapping key must be a scalar"))
+                continue
+            if key in out:
+                problems.append(Problem(
+                    _loc(file, key_node),
+                    f"duplicate key {key!r} (first defined at line {out.at(key).line})",
+                ))
+                continue
+            out.key_locs[key] = _loc(file, key_node)
+            out[key] = _convert(file, value_node, loader, problems)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        seq = LList(_loc(file, node))
+        for item in node.value:
+            seq.item_locs.append(_loc(file, item))
+            seq.append(_convert(file, item, loader, problems))
+        return seq
+    assert isinstance(node, yaml.ScalarNode)
+    if node.style is None and node.tag == "tag:yaml.org,2002:str":
+        text = node.value
+        if _YAML11_BOOL.match(text):
+            problems.append(Problem(
+                _loc(file, node),
+                f"ambiguous value {text!r}: YAML 1.1 reads it as a boolean; "
+                f"write true/false, or quote it if you mean the word",
+            ))
+        elif _YAML11_SEXAGESIMAL.match(text):
+            problems.append(Problem(
+                _loc(file, node), f"ambiguous value {text!r}: quote it (YAML 1.1 reads it as base-60)"
+            ))
+    if node.style is None and node.tag == "tag:yaml.org,2002:int" and _YAML11_OCTAL.match(node.value):
+        problems.append(Problem(
+            _loc(file, node), f"ambiguous number {node.value!r}: quote it, or drop the leading zero"
+        ))
+    return loader.construct_object(node, deep=True)
+
+
+def load_text(text: str, file: str) -> tuple[Any, list[Problem]]:
+    """Parse one YAML document; returns (value, problems).  Never raises for bad YAML."""
+    problems: list[Problem] = []
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, problems
+        return _convert(file, node, loader, problems), problems
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        loc = Loc(file, mark.line + 1, mark.column + 1) if mark else Loc(file, 1, 1)
+        problems.append(Problem(loc, f"invalid YAML: {exc.problem or exc.context}"))
+        return None, problems
+    except yaml.YAMLError as exc:
+        problems.append(Problem(Loc(file, 1, 1), f"invalid YAML: {exc}"))
+        return None, problems
+    finally:
+        loader.dispose()
+
+
+def load_file(path: str) -> tuple[Any, list[Problem]]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        return None, [Problem(Loc(path, 1, 1), f"cannot read file: {exc.strerror}")]
+    except UnicodeDecodeError:
+        return None, [Problem(Loc(path, 1, 1), "file is not valid UTF-8")]
+    return load_text(text, path)
+
+
+def load_strict(path: str) -> Any:
+    """Load a file or raise ConfigError with every problem found."""
+    value, problems = load_file(path)
+    if problems:
+        raise ConfigError(problems)
+    return value

@@ -1,0 +1,1 @@
+"""Response-direction inspection: SSE framing, tool pinning, poisoning scan."""

@@ -1,0 +1,109 @@
+"""The per-request ``Exchange`` and the stage contract.
+
+A stage is an object with::
+
+    async def on_request(self, ex: Exchange) -> None
+
+called in the order fixed in ``app.py``.  It reads and annotates the exchange,
+or raises a ``GatewayError`` to answer locally (the rest of the chain and the
+upstream are then skipped).  A stage that needs to see what comes back
+appends a ``ResponseHook`` to ``ex.response_hooks``; when that list is empty
+the upstream's bytes are streamed through untouched and never parsed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .config.model import ServerConfig
+    from .store.sessions import SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, as established by the authn stage.
+
+    ``key`` identifies the principal for session binding: (issuer, subject,
+    client).  ``claims`` are the verified token claims (never the token).
+    """
+
+    issuer: str
+    subject: str
+    client_id: str = ""
+    scopes: frozenset[str] = frozenset()
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    name: str = ""
+    expires_at: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.issuer}\x1f{self.subject}\x1f{self.client_id}"
+
+
+ANONYMOUS = Principal(issuer="", subject="anonymous", name="anonymous")
+
+LEGACY = "legacy"   # 2025-11-25 and older: initialize, Mcp-Session-Id, GET streams
+MODERN = "modern"   # 2026-07-28 and newer: stateless, Mcp-Method/Mcp-Name headers
+
+
+class ResponseHook(Protocol):
+    """Sees each JSON-RPC message coming back for one exchange.
+
+    Called once per message: the whole JSON body, or each SSE event's data.
+    Returns the message to forward (possibly modified), or ``None`` to drop it.
+    Raising ``GatewayError`` replaces the message with an error for the
+    request (in-band when the response already started).
+    """
+
+    def __call__(self, ex: "Exchange", message: dict[str, Any]) -> dict[str, Any] | None: ...
+
+
+class Exchange:
+    """Everything known about one client request as it moves through the stages."""
+
+    __slots__ = (
+        "request", "server", "started", "era", "protocol_version", "principal", "token",
+        "body", "message", "rpc_id", "method", "name", "arguments", "is_request",
+        "session", "upstream_session_id", "response_hooks", "audit", "status",
+        "outcome", "reason", "upstream_status", "extra_upstream_headers",
+    )
+
+    def __init__(self, request: "web.Request", server: "ServerConfig") -> None:
+        self.request = request
+        self.server = server
+        self.started = time.perf_counter()
+        self.era = LEGACY
+        self.protocol_version: str | None = None
+        self.principal: Principal = ANONYMOUS
+        # The raw bearer token, kept only for RFC 8693 token exchange; never logged.
+        self.token: str | None = None
+        self.body: bytes | None = None
+        self.message: dict[str, Any] | None = None
+        self.rpc_id: Any = None
+        self.method: str | None = None
+        self.name: str | None = None
+        self.arguments: Any = None
+        self.is_request = False
+        self.session: "SessionRecord | None" = None
+        self.upstream_session_id: str | None = None
+        self.response_hooks: list[ResponseHook] = []
+        # Fields added to the request's audit record (decisions, rule ids...).
+        self.audit: dict[str, Any] = {}
+        self.status = 0
+        self.outcome = "ok"
+        self.reason = ""
+        self.upstream_status = 0
+        self.extra_upstream_headers: dict[str, str] | None = None
+
+
+class Stage(Protocol):
+    name: str
+
+    async def on_request(self, ex: Exchange) -> None: ...
+
+
+StageFactory = Callable[..., Stage]

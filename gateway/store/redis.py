@@ -1,0 +1,153 @@
+"""Redis store: shared state for several replicas.
+
+Every key is prefixed (``store.prefix``) so several gateways or test runs can
+share one Redis.  Pub/sub carries invalidations (e.g. a session deleted on
+one replica) to the others' local caches.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from .base import Listener, StoreError
+
+log = structlog.get_logger("gateway.store")
+
+# Atomic "increment, and set the TTL when the key is new" for fixed windows.
+_INCR_WINDOW = """
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+if v == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return v
+"""
+
+
+class RedisStore:
+    kind = "redis"
+
+    def __init__(self, url: str, prefix: str = "mcpgw:") -> None:
+        self._url = url
+        self._prefix = prefix
+        self._client: Any = None
+        self._subs: dict[str, list[Listener]] = {}
+        self._pubsub: Any = None
+        self._listener_task: asyncio.Task[None] | None = None
+        self._incr: Any = None
+
+    def _k(self, key: str) -> str:
+        return self._prefix + key
+
+    async def start(self) -> None:
+        self._client = aioredis.from_url(
+            self._url, socket_connect_timeout=2.0, socket_timeout=2.0,
+            health_check_interval=15, decode_responses=False,
+        )
+        self._incr = self._client.register_script(_INCR_WINDOW)
+        if self._subs:
+            await self._start_listener()
+
+    async def close(self) -> None:
+        if self._listener_task is not None:
+            self._listener_task.cancel()
+            try:
+                await self._listener_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.aclose()
+            except RedisError:
+                pass
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._client.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            return await self._client.get(self._k(key))
+        except (RedisError, OSError) as exc:
+            raise StoreError("redis get failed") from exc
+
+    async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        try:
+            await self._client.set(self._k(key), value, px=int(ttl * 1000) if ttl else None)
+        except (RedisError, OSError) as exc:
+            raise StoreError("redis set failed") from exc
+
+    async def set_if_absent(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        try:
+            return bool(await self._client.set(self._k(key), value, nx=True,
+                                               px=int(ttl * 1000) if ttl else None))
+        except (RedisError, OSError) as exc:
+            raise StoreError("redis set failed") from exc
+
+    async def delete(self, key: str) -> bool:
+        try:
+            return bool(await self._client.delete(self._k(key)))
+        except (RedisError, OSError) as exc:
+            raise StoreError("redis delete failed") from exc
+
+    async def incr_window(self, key: str, amount: int, ttl: float) -> int:
+        try:
+            return int(await self._incr(keys=[self._k(key)], args=[amount, int(ttl * 1000)]))
+        except (RedisError, OSError) as exc:
+            raise StoreError("redis incr failed") from exc
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        try:
+            await self._client.publish(self._k(channel), message)
+        except (RedisError, OSError) as exc:
+            raise StoreError("redis publish failed") from exc
+
+    def subscribe(self, channel: str, callback: Listener) -> None:
+        self._subs.setdefault(channel, []).append(callback)
+        if self._client is not None and self._listener_task is None:
+            asyncio.get_running_loop().create_task(self._start_listener())
+
+    async def _start_listener(self) -> None:
+        if self._listener_task is not None:
+            return
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        await self._pubsub.subscribe(*[self._k(c) for c in self._subs])
+        self._listener_task = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _listen(self) -> None:
+        plen = len(self._prefix)
+        while True:
+            try:
+                async for msg in self._pubsub.listen():
+                    if msg.get("type") != "message":
+                        continue
+                    channel = msg["channel"].decode()[plen:]
+                    for callback in list(self._subs.get(channel, ())):
+                        try:
+                            result = callback(channel, msg["data"])
+                            if inspect.isawaitable(result):
+                                await result
+                        except Exception:  # a bad listener must not kill the loop
+                            log.exception("store.listener_failed", channel=channel)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError):
+                log.warning("store.pubsub_reconnect")
+                await asyncio.sleep(1.0)
+                try:
+                    await self._pubsub.subscribe(*[self._k(c) for c in self._subs])
+                except (RedisError, OSError):
+                    continue
+
+
+def make_store(kind: str, url: str, prefix: str):
+    if kind == "redis":
+        return RedisStore(url, prefix)
+    from .memory import MemoryStore
+    return MemoryStore(prefix)
