@@ -1,0 +1,154 @@
+"""The ``mcp-gateway`` command: serve, check, demo, policy, pins."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from . import __version__
+from .errors import ConfigError
+
+
+def _load(path: str, *, check_secrets: bool = True) -> Any:
+    from .config.model import load_config
+
+    return load_config(path, check_secrets=check_secrets)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config and everything it references; print every problem."""
+    problems = []
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        config = None
+    if config is not None:
+        for module, func in (("gateway.policy.cli", "check_policies"), ("gateway.inspect.pins_cli", "check_pins")):
+            try:
+                mod = __import__(module, fromlist=[func])
+            except ImportError:
+                continue
+            checker = getattr(mod, func, None)
+            if checker is not None:
+                problems.extend(checker(config))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{args.config}: OK ({len(config.servers)} server(s))")
+    return 0
+
+
+def _run_one(config: Any, reuse_port: bool) -> int:
+    from .app import serve
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        uvloop = None
+    runner = uvloop.run if uvloop is not None else asyncio.run
+    runner(serve(config, reuse_port=reuse_port))
+    return 0
+
+
+def _run_workers(args: argparse.Namespace, n: int) -> int:
+    """N processes on one port (SO_REUSEPORT); metrics aggregated across them."""
+    from .telemetry.logging import configure_logging
+    import structlog
+
+    configure_logging()
+    log = structlog.get_logger("gateway.master")
+    env = dict(os.environ)
+    metrics_dir = tempfile.mkdtemp(prefix="mcpgw-metrics-")
+    env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    cmd = [sys.executable, "-m", "gateway", "serve", "-c", args.config, "--reuse-port"]
+    children: list[subprocess.Popen[bytes]] = [subprocess.Popen(cmd, env=env) for _ in range(n)]
+    stopping = False
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = stopping or signum in (signal.SIGTERM, signal.SIGINT)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    log.info("gateway.workers_started", workers=n, pids=[c.pid for c in children])
+    status = 0
+    while children:
+        for i, child in enumerate(list(children)):
+            try:
+                code = child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+            if stopping:
+                children.remove(child)
+                status = status or (code if code and code > 0 else 0)
+            else:
+                log.error("gateway.worker_died", pid=child.pid, code=code)
+                children[i] = subprocess.Popen(cmd, env=env)
+    return status
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .telemetry.logging import configure_logging
+
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print("refusing to start: fix the configuration above (mcp-gateway check -c FILE)", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        return _run_workers(args, args.workers)
+    configure_logging(config.logging.level)
+    return _run_one(config, reuse_port=args.reuse_port or args.workers > 1)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcp-gateway", description="Security-enforcing MCP gateway")
+    parser.add_argument("--version", action="version", version=f"mcp-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("-c", "--config", required=True, help="gateway YAML file")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check", help="validate the config and everything it references")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("demo", help="run a self-contained demo (dev issuer, demo MCP server)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--admin-port", type=int, default=9464)
+    p.set_defaults(func=cmd_demo)
+
+    for module in ("gateway.policy.cli", "gateway.inspect.pins_cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ImportError:
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

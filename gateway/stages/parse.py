@@ -1,0 +1,115 @@
+"""JSON-RPC parsing and the 2026-07-28 header/body consistency check.
+
+Later stages authorize on the *body*; an upstream may route on the
+``Mcp-Method``/``Mcp-Name`` headers.  If the two disagreed, a request could be
+authorized as one call and executed as another, so any mismatch is refused
+here with 400 / -32020 before anything else looks at the message.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from ..errors import BadRequest, BodyTooLarge, HeaderMismatch, ParseError, UnsupportedMediaType
+from ..pipeline import MODERN
+
+if TYPE_CHECKING:
+    from ..config.model import Config
+    from ..pipeline import Exchange
+
+MODERN_FROM = "2026-07-28"
+# Methods whose target is mirrored in Mcp-Name, and where it lives in params.
+_NAME_PARAM = {"tools/call": "name", "resources/read": "uri", "prompts/get": "name"}
+_PV_META = "io.modelcontextprotocol/protocolVersion"
+
+
+def decode_header_value(value: str) -> str:
+    """Undo the ``=?base64?...?=`` sentinel used for non-ASCII header values."""
+    if value.startswith("=?base64?") and value.endswith("?="):
+        try:
+            return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise HeaderMismatch("malformed base64 header value", reason="header_malformed") from exc
+    return value
+
+
+class Parse:
+    name = "parse"
+
+    def __init__(self, config: "Config") -> None:
+        self._max = config.limits.max_body_bytes
+
+    async def on_request(self, ex: "Exchange") -> None:
+        req = ex.request
+        headers = req.headers
+        version = headers.get("MCP-Protocol-Version")
+        ex.protocol_version = version
+        if version is not None and version >= MODERN_FROM:
+            ex.era = MODERN
+        if req.method != "POST":
+            return
+        ctype = headers.get("Content-Type", "")
+        if not ctype.startswith("application/json") and "json" not in ctype.split(";", 1)[0]:
+            raise UnsupportedMediaType("Content-Type must be application/json")
+        if req.content_length is not None and req.content_length > self._max:
+            raise BodyTooLarge(f"request body exceeds {self._max} bytes")
+        try:
+            body = await req.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise BodyTooLarge(f"request body exceeds {self._max} bytes") from exc
+        ex.body = body
+        try:
+            msg = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise ParseError("request body is not valid JSON") from exc
+        if isinstance(msg, list):
+            raise BadRequest("JSON-RPC batches are not supported (removed in MCP 2025-06-18); "
+                             "send one message per request", reason="batch_rejected")
+        if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
+            raise BadRequest("body must be a single JSON-RPC 2.0 message", reason="invalid_jsonrpc")
+        ex.message = msg
+        ex.rpc_id = rpc_id = msg.get("id")
+        method = msg.get("method")
+        if method is not None and not isinstance(method, str):
+            raise BadRequest("method must be a string", reason="invalid_jsonrpc")
+        if rpc_id is not None and not isinstance(rpc_id, (str, int)) or isinstance(rpc_id, bool):
+            raise BadRequest("id must be a string or an integer", reason="invalid_jsonrpc")
+        ex.method = method
+        ex.is_request = method is not None and "id" in msg
+        params = msg.get("params")
+        if params is not None and not isinstance(params, dict):
+            raise BadRequest("params must be an object", reason="invalid_jsonrpc")
+        if method is None and "result" not in msg and "error" not in msg:
+            raise BadRequest("message is neither a request, a notification nor a response",
+                             reason="invalid_jsonrpc")
+        field = _NAME_PARAM.get(method) if method else None
+        if field is not None and params is not None:
+            target = params.get(field)
+            if not isinstance(target, str):
+                raise BadRequest(f"params.{field} must be a string", reason="invalid_params")
+            ex.name = target
+            if method == "tools/call":
+                ex.arguments = params.get("arguments")
+        self._check_headers(ex, headers, method, params)
+
+    @staticmethod
+    def _check_headers(ex: "Exchange", headers: Any, method: str | None, params: Any) -> None:
+        hdr_method = headers.get("Mcp-Method")
+        hdr_name = headers.get("Mcp-Name")
+        if ex.era == MODERN and method is not None:
+            if hdr_method is None:
+                raise HeaderMismatch("Mcp-Method header is required", reason="header_missing")
+            if method in _NAME_PARAM and hdr_name is None:
+                raise HeaderMismatch("Mcp-Name header is required", reason="header_missing")
+            meta = params.get("_meta") if isinstance(params, dict) else None
+            if isinstance(meta, dict) and _PV_META in meta and meta[_PV_META] != ex.protocol_version:
+                raise HeaderMismatch("MCP-Protocol-Version header does not match the body",
+                                     reason="header_mismatch")
+        if hdr_method is not None and decode_header_value(hdr_method) != method:
+            raise HeaderMismatch("Mcp-Method header does not match the body", reason="header_mismatch")
+        if hdr_name is not None and decode_header_value(hdr_name) != (ex.name if method in _NAME_PARAM else None):
+            raise HeaderMismatch("Mcp-Name header does not match the body", reason="header_mismatch")

@@ -1,0 +1,93 @@
+"""The metrics catalogue.  Metric objects are the only module-level singletons.
+
+Every label value comes from a closed set (server names from config, methods
+from the MCP method list or ``other``, reasons from the error hierarchy), so
+no request data, token or tool text can reach a label.  Label children are
+bound once and cached: a ``.labels()`` lookup costs ~3 µs, a cached child ~1 µs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from .. import __version__
+
+KNOWN_METHODS = frozenset({
+    "initialize", "ping", "server/discover", "subscriptions/listen",
+    "tools/list", "tools/call", "resources/list", "resources/read", "resources/templates/list",
+    "resources/subscribe", "resources/unsubscribe", "prompts/list", "prompts/get",
+    "completion/complete", "logging/setLevel", "tasks/get", "tasks/list", "tasks/cancel", "tasks/result",
+    "notifications/initialized", "notifications/cancelled", "notifications/progress",
+    "notifications/roots/list_changed", "sampling/createMessage", "elicitation/create", "roots/list",
+})
+
+
+def method_label(method: str | None) -> str:
+    if method is None:
+        return "none"
+    return method if method in KNOWN_METHODS else "other"
+
+
+BUILD_INFO = Gauge("mcpgw_build_info", "Always 1; the version label says which gateway is running.",
+                   ["version"], multiprocess_mode="max")
+BUILD_INFO.labels(__version__).set(1)
+
+REQUESTS = Counter(
+    "mcpgw_requests_total", "Client requests handled, by server, MCP method and HTTP status.",
+    ["server", "method", "status"],
+)
+REQUEST_DURATION = Histogram(
+    "mcpgw_request_duration_seconds",
+    "Time from request arrival to the end of the response (streams included), by server.",
+    ["server"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+REJECTIONS = Counter(
+    "mcpgw_rejections_total", "Requests answered by the gateway itself, by server and reason.",
+    ["server", "reason"],
+)
+UPSTREAM_ERRORS = Counter(
+    "mcpgw_upstream_errors_total", "Upstream failures (unreachable, timeout, invalid reply), by server and reason.",
+    ["server", "reason"],
+)
+INFLIGHT = Gauge(
+    "mcpgw_inflight_requests", "Requests in progress, by server.", ["server"], multiprocess_mode="livesum",
+)
+SSE_EVENTS = Counter("mcpgw_sse_events_total", "SSE events relayed to clients, by server.", ["server"])
+SESSIONS = Counter(
+    "mcpgw_sessions_total", "Gateway sessions created and terminated, by server and action.", ["server", "action"],
+)
+SECURITY_EVENTS = Counter(
+    "mcpgw_security_events_total", "Security-relevant events (session hijack attempts, ...), by kind.", ["kind"],
+)
+CONFIG_RELOADS = Counter(
+    "mcpgw_config_reloads_total", "Policy/config reloads, by result (ok, failed).", ["what", "result"],
+)
+
+
+class Bound:
+    """Cache of bound label children for the hot path."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[Any, ...], Any] = {}
+
+    def get(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._cache.get(key)
+        if child is None:
+            child = self._cache[key] = metric.labels(*labels)
+        return child
+
+
+BOUND = Bound()
+
+
+def count_rejection(server: str, reason: str) -> None:
+    BOUND.get(REJECTIONS, server, reason).inc()
+
+
+def security_event(kind: str) -> None:
+    BOUND.get(SECURITY_EVENTS, kind).inc()

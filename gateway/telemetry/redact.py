@@ -1,0 +1,71 @@
+"""Secret redaction for everything that leaves the process as text.
+
+Applied as the last structlog processor before rendering, so no call site can
+forget it.  Two rules: values under sensitive-looking keys are replaced
+whole; string values anywhere are scrubbed of things that look like bearer
+tokens, JWTs, API keys or credentials in URLs.  Metrics never carry free text
+(labels come from closed sets), so they need no scrubbing.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+REDACTED = "[REDACTED]"
+
+_SENSITIVE_KEY = re.compile(
+    r"(?i)(authorization|cookie|password|passwd|secret|token|api[_-]?key|apikey|"
+    r"private[_-]?key|credential|session[_-]?key|client[_-]?assertion|bearer)"
+)
+# Keys that match the pattern above but only ever hold non-secret values.
+_SAFE_KEYS = frozenset({
+    "token_type", "token_kind", "token_hash", "tokens", "max_tokens",
+    "token_cache", "token_source", "secret_ref", "credential_kind",
+})
+
+_SECRET_VALUE = re.compile(
+    r"(?i)bearer\s+[A-Za-z0-9._~+/=-]{8,}"            # Authorization: Bearer …
+    r"|eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"  # JWT / JWS
+    r"|(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}"                # OpenAI/Stripe-style keys
+    r"|gh[pousr]_[A-Za-z0-9]{20,}"                     # GitHub tokens
+    r"|xox[abposr]-[A-Za-z0-9-]{10,}"                  # Slack tokens
+    r"|AKIA[0-9A-Z]{16}"                               # AWS access key ids
+    r"|AIza[0-9A-Za-z_-]{30,}"                         # Google API keys
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----"
+    r"|(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"                # user:password@ in URLs
+    r"|(?i:access_token|refresh_token|id_token|client_secret|api_key)=[^&\s]+"
+)
+
+
+def scrub(text: str) -> str:
+    """Replace anything that looks like a credential inside ``text``."""
+    return _SECRET_VALUE.sub(REDACTED, text)
+
+
+def redact_value(key: str, value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        if key not in _SAFE_KEYS and _SENSITIVE_KEY.search(key):
+            return REDACTED if value else value
+        return scrub(value) if len(value) >= 8 else value
+    if depth > 6:
+        return value
+    if isinstance(value, dict):
+        return {k: redact_value(str(k), v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_value(key, v, depth + 1) for v in value]
+    if isinstance(value, (int, float, bool)) or value is None:
+        return value
+    return redact_value(key, str(value), depth + 1)
+
+
+def redact_processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: scrub every field of the event."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            if key not in _SAFE_KEYS and _SENSITIVE_KEY.search(key):
+                event[key] = REDACTED if value else value
+            elif len(value) >= 8:
+                event[key] = _SECRET_VALUE.sub(REDACTED, value)
+        elif not (value is None or isinstance(value, (int, float, bool))):
+            event[key] = redact_value(key, value)
+    return event

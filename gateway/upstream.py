@@ -1,0 +1,330 @@
+"""Forwarding to the upstream MCP server, and relaying what comes back.
+
+One connection pool per server.  The client's ``Authorization`` and
+``Cookie`` never leave the gateway; upstream credentials are injected from
+config.  Responses are relayed as they arrive: SSE is framed into whole
+events and written one event at a time (never buffered beyond one event),
+JSON bodies are read whole (bounded) so an upstream failure can still be
+answered with a proper JSON-RPC error.  Once a response has started, errors
+go in-band as a JSON-RPC error event.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+from .errors import (
+    GatewayError, SessionNotFound, UpstreamAuthRefused, UpstreamInvalid, UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .inspect.sse import SSEFramer, SSETooLarge, encode_event
+from .pipeline import MODERN
+from .telemetry.metrics import BOUND, SESSIONS, SSE_EVENTS, UPSTREAM_ERRORS
+
+if TYPE_CHECKING:
+    from .config.model import Config, ServerConfig
+    from .pipeline import Exchange
+    from .store.sessions import SessionStore
+
+log = structlog.get_logger("gateway.upstream")
+
+# Never forwarded upstream: hop-by-hop headers (RFC 9110 §7.6.1), the client's
+# credentials (no token passthrough), headers the gateway validated or owns.
+_DROP_REQUEST = frozenset({
+    "host", "content-length", "connection", "keep-alive", "proxy-authenticate",
+    "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    "authorization", "cookie", "accept-encoding", "mcp-session-id", "origin", "referer",
+    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+})
+# Never relayed to the client: hop-by-hop, the upstream's own session id (the
+# client gets the gateway's), its auth challenges, and cookies (all mounts
+# share the gateway's origin, so one upstream's cookie would reach the others).
+_DROP_RESPONSE = frozenset({
+    "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
+    "mcp-session-id", "www-authenticate", "set-cookie", "server", "date", "trailer", "upgrade",
+    "proxy-authenticate",
+})
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_DRAIN_LIMIT_S = 600.0  # legacy disconnects: keep reading upstream at most this long
+
+
+def error_body(err: GatewayError, rpc_id: Any) -> bytes:
+    error: dict[str, Any] = {"code": err.code, "message": err.message}
+    data = {"reason": err.reason}
+    if err.data:
+        data.update(err.data)
+    error["data"] = data
+    body: dict[str, Any] = {"jsonrpc": "2.0", "error": error}
+    # JSON-RPC: id is required on errors; null when the request id is unknown.
+    body["id"] = rpc_id
+    return orjson.dumps(body)
+
+
+class Upstreams:
+    """Connection pools, one per server, created and closed with the app."""
+
+    def __init__(self, config: "Config") -> None:
+        self._config = config
+        self.clients: dict[str, aiohttp.ClientSession] = {}
+
+    async def start(self) -> None:
+        for name, server in self._config.servers.items():
+            connector = aiohttp.TCPConnector(limit=server.max_connections, ttl_dns_cache=60,
+                                             enable_cleanup_closed=True)
+            self.clients[name] = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=server.connect_timeout,
+                                              sock_read=server.read_timeout),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
+            )
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)
+
+
+class Forwarder:
+    def __init__(self, config: "Config", upstreams: Upstreams, sessions: "SessionStore",
+                 credentials: dict[str, Any], identity_headers: frozenset[str] = frozenset()) -> None:
+        self._config = config
+        self._upstreams = upstreams
+        self._sessions = sessions
+        self._creds = credentials
+        self._drop = _DROP_REQUEST | {h.lower() for h in identity_headers}
+        self._event_limit = config.limits.max_sse_event_bytes
+        self._json_limit = config.limits.max_response_bytes
+        self.background: set[asyncio.Task[None]] = set()
+
+    async def _headers(self, ex: "Exchange") -> dict[str, str]:
+        drop = self._drop
+        out = {k: v for k, v in ex.request.headers.items() if k.lower() not in drop}
+        out["Accept-Encoding"] = "identity"
+        if ex.upstream_session_id is not None:
+            out["Mcp-Session-Id"] = ex.upstream_session_id
+        provider = self._creds.get(ex.server.name)
+        if provider is not None:
+            out.update(await provider.headers(ex))
+        if ex.extra_upstream_headers:
+            out.update(ex.extra_upstream_headers)
+        return out
+
+    async def forward(self, ex: "Exchange") -> web.StreamResponse:
+        server = ex.server
+        client = self._upstreams.clients[server.name]
+        headers = await self._headers(ex)
+        try:
+            resp = await client.request(ex.request.method, server.url, data=ex.body, headers=headers,
+                                        allow_redirects=False)
+        except asyncio.TimeoutError as exc:
+            self._count(server, "timeout")
+            raise UpstreamTimeout("the upstream MCP server did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            self._count(server, "unreachable")
+            raise UpstreamUnavailable("the upstream MCP server is unreachable") from exc
+        handed_off = False
+        try:
+            ex.upstream_status = resp.status
+            response, handed_off = await self._relay(ex, resp)
+            return response
+        finally:
+            if not handed_off:
+                resp.release()
+
+    def _count(self, server: "ServerConfig", reason: str) -> None:
+        BOUND.get(UPSTREAM_ERRORS, server.name, reason).inc()
+
+    async def _relay(self, ex: "Exchange", resp: aiohttp.ClientResponse) -> tuple[web.StreamResponse, bool]:
+        status = resp.status
+        server = ex.server
+        if status in (401, 403):
+            # The upstream's challenge names its own AS; relaying it would make
+            # clients fetch upstream tokens and send them here (passthrough).
+            self._count(server, "auth_refused")
+            raise UpstreamAuthRefused("the upstream MCP server refused the gateway's credentials")
+        if status == 404 and ex.session is not None:
+            # The upstream forgot the session: drop ours too so the client re-initializes.
+            await self._sessions.delete(ex.session.id)
+            raise SessionNotFound("session expired upstream; initialize a new session",
+                                  reason="upstream_session_gone")
+        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE}
+        await self._map_session(ex, resp, out_headers)
+        if ex.request.method == "DELETE" and ex.session is not None and (status < 300 or status in (404, 405)):
+            await self._sessions.delete(ex.session.id)
+            BOUND.get(SESSIONS, server.name, "deleted").inc()
+            ex.status = 200 if status >= 300 else status
+            return web.Response(status=ex.status, headers=out_headers), False
+        ctype = resp.headers.get("Content-Type", "")
+        if ctype.startswith("text/event-stream"):
+            return await self._relay_sse(ex, resp, out_headers)
+        ex.status = status
+        if status == 202 or status == 204:
+            return web.Response(status=status, headers=out_headers), False
+        try:
+            body = await resp.content.read(self._json_limit + 1)
+        except asyncio.TimeoutError as exc:
+            self._count(server, "timeout")
+            raise UpstreamTimeout("the upstream MCP server stopped answering") from exc
+        except aiohttp.ClientError as exc:
+            self._count(server, "broken_response")
+            raise UpstreamInvalid("the upstream MCP server broke off its reply") from exc
+        if len(body) > self._json_limit:
+            self._count(server, "response_too_large")
+            raise UpstreamInvalid("the upstream reply exceeds the gateway's response size limit",
+                                  reason="upstream_too_large")
+        is_json = ctype.startswith("application/json")
+        if status >= 400 and not is_json:
+            self._count(server, f"http_{status // 100}xx")
+            raise UpstreamInvalid(f"the upstream MCP server answered HTTP {status}")
+        if is_json and ex.response_hooks and body:
+            body = self._inspect_json(ex, body)
+        return web.Response(status=status, body=body, headers=out_headers), False
+
+    async def _map_session(self, ex: "Exchange", resp: aiohttp.ClientResponse, out: dict[str, str]) -> None:
+        upstream_sid = resp.headers.get("Mcp-Session-Id")
+        if ex.session is not None:
+            if upstream_sid is None or upstream_sid == ex.session.upstream_id:
+                if upstream_sid is not None:
+                    out["Mcp-Session-Id"] = ex.session.id
+                return
+        if upstream_sid is None:
+            return
+        rec = await self._sessions.create(ex.server.name, upstream_sid, ex.principal.key,
+                                          ex.protocol_version or "")
+        BOUND.get(SESSIONS, ex.server.name, "created").inc()
+        ex.session = rec
+        out["Mcp-Session-Id"] = rec.id
+
+    # -- inspection ---------------------------------------------------------------
+
+    def _apply_hooks(self, ex: "Exchange", msg: Any) -> Any:
+        # Envoy-style: response hooks run in reverse order of the stages that added them.
+        for hook in reversed(ex.response_hooks):
+            msg = hook(ex, msg)
+            if msg is None:
+                return None
+        return msg
+
+    def _inspect_json(self, ex: "Exchange", body: bytes) -> bytes:
+        try:
+            msg = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamInvalid("the upstream MCP server sent invalid JSON") from exc
+        if not isinstance(msg, dict):
+            raise UpstreamInvalid("the upstream MCP server sent a non-object JSON-RPC message")
+        out = self._apply_hooks(ex, msg)
+        return orjson.dumps(out) if out is not None else b""
+
+    def _inspect_event(self, ex: "Exchange", ev: Any) -> bytes:
+        try:
+            msg = orjson.loads(ev.data)
+        except orjson.JSONDecodeError:
+            return ev.raw       # not JSON: not a message the gateway understands; relay as is
+        if not isinstance(msg, dict):
+            return ev.raw
+        try:
+            out = self._apply_hooks(ex, msg)
+        except GatewayError as err:
+            rid = msg.get("id", ex.rpc_id)
+            return encode_event(error_body(err, rid).decode(), id=ev.id)
+        if out is None:
+            return b""
+        return encode_event(orjson.dumps(out).decode(), event=ev.event or "message", id=ev.id)
+
+    # -- SSE ----------------------------------------------------------------------
+
+    async def _relay_sse(self, ex: "Exchange", resp: aiohttp.ClientResponse,
+                         headers: dict[str, str]) -> tuple[web.StreamResponse, bool]:
+        headers.update(_SSE_HEADERS)
+        out = web.StreamResponse(status=resp.status, headers=headers)
+        ex.status = resp.status
+        await out.prepare(ex.request)
+        framer = SSEFramer(self._event_limit)
+        hooks = bool(ex.response_hooks)
+        sse_counter = BOUND.get(SSE_EVENTS, ex.server.name)
+        content = resp.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except asyncio.TimeoutError:
+                await self._end_with_error(ex, out, UpstreamTimeout("the upstream MCP server went silent"))
+                return out, False
+            except (aiohttp.ClientError, SSETooLarge) as exc:
+                self._count(ex.server, "stream_broken")
+                await self._end_with_error(ex, out, UpstreamInvalid(
+                    "the upstream MCP server broke off the stream", reason="upstream_stream_broken"))
+                log.warning("upstream.stream_broken", server=ex.server.name, error=type(exc).__name__)
+                return out, False
+            if not chunk:
+                break
+            try:
+                events = framer.feed(chunk)
+            except SSETooLarge:
+                await self._end_with_error(ex, out, UpstreamInvalid(
+                    "an SSE event from the upstream exceeded the size limit", reason="upstream_too_large"))
+                return out, False
+            for ev in events:
+                data = self._inspect_event(ex, ev) if hooks and ev.data is not None else ev.raw
+                if not data:
+                    continue
+                try:
+                    await out.write(data)
+                except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                    return out, self._client_gone(ex, resp)
+                sse_counter.inc()
+        if framer.pending:
+            # Closed mid-event: the half event is dropped, never forwarded.
+            self._count(ex.server, "stream_broken")
+            await self._end_with_error(ex, out, UpstreamInvalid(
+                "the upstream MCP server broke off the stream", reason="upstream_stream_broken"))
+            return out, False
+        try:
+            await out.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+        return out, False
+
+    async def _end_with_error(self, ex: "Exchange", out: web.StreamResponse, err: GatewayError) -> None:
+        ex.outcome = "error"
+        ex.reason = err.reason
+        if ex.is_request:
+            try:
+                await out.write(encode_event(error_body(err, ex.rpc_id).decode()))
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                return
+        try:
+            await out.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+
+    def _client_gone(self, ex: "Exchange", resp: aiohttp.ClientResponse) -> bool:
+        """The client disconnected mid-stream.  Returns True when ``resp`` was handed off.
+
+        2026-07-28: closing the stream IS the cancellation, so the upstream
+        request is closed too.  2025-11-25: a disconnect is NOT a cancel; the
+        upstream keeps working (and can replay via Last-Event-ID), so the rest
+        of its stream is drained in the background.
+        """
+        ex.outcome = "client_gone"
+        if ex.era == MODERN or ex.request.method == "GET":
+            resp.close()
+            return True
+        task = asyncio.get_running_loop().create_task(self._drain(resp))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return True
+
+    @staticmethod
+    async def _drain(resp: aiohttp.ClientResponse) -> None:
+        try:
+            async with asyncio.timeout(_DRAIN_LIMIT_S):
+                while await resp.content.readany():
+                    pass
+        except (asyncio.TimeoutError, aiohttp.ClientError):
+            pass
+        finally:
+            resp.release()
