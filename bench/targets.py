@@ -1,0 +1,186 @@
+"""The registry of things to benchmark. Each target starts itself and says how to reach it.
+
+A target kind is one of:
+- ``direct``: the upstream itself; the physical limit of this box's Python upstream.
+- ``baseline``: a bare proxy the gateway is measured against.
+- ``gateway``: the gateway with some configuration. A new variant is a config fragment
+  plus the headers a client sends: see ``GATEWAY_VARIANTS`` at the end.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import yaml
+
+from .issuer import LocalIssuer
+from .procs import Proc, free_port
+
+SERVER_NAME = "bench"  # the gateway serves the upstream at /mcp/<SERVER_NAME>
+
+
+@dataclass
+class Context:
+    """What every target's start function may use; one per harness run."""
+
+    run_dir: Path
+    repo_root: Path
+    upstream_origin: str
+    upstream_path: str = "/mcp"
+    gateway_workers: int | None = None
+    python: str = sys.executable
+    _issuer: LocalIssuer | None = None
+
+    async def issuer(self) -> LocalIssuer:
+        """The run's local RS256 issuer, started on first use."""
+        if self._issuer is None:
+            self._issuer = await LocalIssuer.start()
+        return self._issuer
+
+    async def close(self) -> None:
+        if self._issuer is not None:
+            await self._issuer.close()
+
+
+@dataclass
+class Running:
+    """A started target. ``proc`` is the process charged as "proxy CPU" (None for direct)."""
+
+    url: str
+    proc: Proc | None
+    headers: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            await self.proc.stop()
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    kind: str  # "direct" | "baseline" | "gateway"
+    description: str
+    start: Callable[[Context], Awaitable[Running]]
+    # Returns why the target cannot run on this checkout, or None when it can.
+    unavailable: Callable[[Context], str | None] = lambda ctx: None
+
+
+async def _start_direct(ctx: Context) -> Running:
+    return Running(url=ctx.upstream_origin + ctx.upstream_path, proc=None)
+
+
+def _bare(name: str, *flags: str) -> Callable[[Context], Awaitable[Running]]:
+    async def start(ctx: Context) -> Running:
+        proc = await Proc.start(name, [ctx.python, "-m", "bench.bare_proxy",
+                                       "--upstream", ctx.upstream_origin, *flags],
+                                ctx.run_dir, cwd=ctx.repo_root)
+        try:
+            port = (await proc.wait_ready_line())["port"]
+        except BaseException:
+            await proc.stop()
+            raise
+        return Running(url=f"http://127.0.0.1:{port}{ctx.upstream_path}", proc=proc)
+    return start
+
+
+# -- the gateway ----------------------------------------------------------------------
+
+ConfigFn = Callable[[Context, str], Awaitable[dict[str, Any]]]
+HeadersFn = Callable[[Context, str], Awaitable[dict[str, str]]]
+
+
+async def _no_config(ctx: Context, public_url: str) -> dict[str, Any]:
+    return {}
+
+
+async def _no_headers(ctx: Context, endpoint: str) -> dict[str, str]:
+    return {}
+
+
+def gateway_config(ctx: Context, port: int, admin_port: int) -> dict[str, Any]:
+    """The base config: auth off, memory store, one upstream; variants override sections."""
+    public_url = f"http://127.0.0.1:{port}"
+    return {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "admin": {"host": "127.0.0.1", "port": admin_port},
+        "public_url": public_url,
+        "store": "memory",
+        "auth": {"mode": "none"},
+        "servers": {SERVER_NAME: {"url": ctx.upstream_origin + ctx.upstream_path}},
+    }
+
+
+def gateway_unavailable(ctx: Context) -> str | None:
+    if not (ctx.repo_root / "gateway" / "__main__.py").exists():
+        return "gateway/__main__.py does not exist"
+    return None
+
+
+def gateway_target(name: str, description: str, config: ConfigFn = _no_config,
+                   headers: HeadersFn = _no_headers,
+                   unavailable: Callable[[Context], str | None] = gateway_unavailable) -> Target:
+    """A gateway target: the base config updated with ``config``'s sections, plus headers."""
+
+    async def start(ctx: Context) -> Running:
+        port, admin_port = free_port(), free_port()
+        cfg = gateway_config(ctx, port, admin_port)
+        cfg.update(await config(ctx, cfg["public_url"]))
+        cfg_path = ctx.run_dir / f"{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        argv = [ctx.python, "-m", "gateway", "serve", "-c", str(cfg_path)]
+        if ctx.gateway_workers:
+            argv += ["--workers", str(ctx.gateway_workers)]
+        proc = await Proc.start(name, argv, ctx.run_dir, cwd=ctx.repo_root)
+        try:
+            await proc.wait_http_ready(f"http://127.0.0.1:{admin_port}/readyz")
+        except BaseException:
+            await proc.stop()
+            raise
+        endpoint = f"{cfg['public_url']}/mcp/{SERVER_NAME}"
+        return Running(url=endpoint, proc=proc, headers=await headers(ctx, endpoint),
+                       notes=[f"config {cfg_path}"])
+
+    return Target(name, "gateway", description, start, unavailable)
+
+
+async def _jwt_config(ctx: Context, public_url: str) -> dict[str, Any]:
+    issuer = await ctx.issuer()
+    return {"auth": {"issuers": [{"issuer": issuer.issuer, "jwks_uri": issuer.jwks_uri}]}}
+
+
+async def _jwt_headers(ctx: Context, endpoint: str) -> dict[str, str]:
+    # One token for the whole run, as a real client reuses it for its session.
+    return {"Authorization": "Bearer " + (await ctx.issuer()).mint(endpoint)}
+
+
+def _jwt_unavailable(ctx: Context) -> str | None:
+    why = gateway_unavailable(ctx)
+    if why:
+        return why
+    for path in (ctx.repo_root / "gateway").rglob("*.py"):
+        if re.search(r"\bissuers\b", path.read_text(errors="replace")):
+            return None
+    return "the gateway's config has no auth.issuers yet"
+
+
+GATEWAY_VARIANTS = [
+    gateway_target("gateway", "the gateway, auth off, memory store"),
+    gateway_target("gateway-jwt", "the gateway verifying an RS256 JWT from a local issuer",
+                   config=_jwt_config, headers=_jwt_headers, unavailable=_jwt_unavailable),
+]
+
+TARGETS: dict[str, Target] = {t.name: t for t in [
+    Target("direct", "direct", "the upstream, no proxy", _start_direct),
+    Target("bare", "baseline", "bare aiohttp proxy, asyncio loop", _bare("bare")),
+    Target("bare-uvloop", "baseline", "bare aiohttp proxy, uvloop", _bare("bare-uvloop", "--uvloop")),
+    Target("bare-uvloop-buf", "baseline", "bare aiohttp proxy, uvloop, bodies read whole",
+           _bare("bare-uvloop-buf", "--uvloop", "--buffer")),
+    *GATEWAY_VARIANTS,
+]}
+
+DEFAULT_TARGETS = ["direct", "bare-uvloop", "gateway", "gateway-jwt"]
+BASELINE = "bare-uvloop"  # what "× bare" and the goals compare against
