@@ -207,4 +207,5 @@ async def serve(config: Config, *, reuse_port: bool = False, ready: asyncio.Even
         await public.cleanup()
         await admin.cleanup()
         await gw.close()
+        audit.WRITER.flush()
         log.info("gateway.stopped")

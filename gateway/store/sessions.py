@@ -8,6 +8,7 @@ whole proxy hop); deletions are broadcast so other replicas drop their copy.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import time
@@ -42,7 +43,7 @@ class SessionRecord:
     @property
     def short(self) -> str:
         """A non-reversible tag for logs (the id itself is a capability)."""
-        return hashlib.sha256(self.id.encode()).hexdigest()[:12]
+        return _short(self.id)
 
     def dumps(self) -> bytes:
         return orjson.dumps({"s": self.server, "u": self.upstream_id, "p": self.principal,
@@ -52,6 +53,11 @@ class SessionRecord:
     def loads(cls, sid: str, raw: bytes) -> "SessionRecord":
         d = orjson.loads(raw)
         return cls(sid, d["s"], d["u"], d["p"], d.get("v", ""), d.get("c", 0.0))
+
+
+@functools.lru_cache(maxsize=4096)
+def _short(sid: str) -> str:
+    return hashlib.sha256(sid.encode()).hexdigest()[:12]
 
 
 def new_session_id() -> str:

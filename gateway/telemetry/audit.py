@@ -1,23 +1,71 @@
 """The per-request audit record: written once, after the response completes.
 
-One structured event ``mcp.request`` per client request with principal,
-server, method, tool, outcome, status and whatever the stages added to
-``ex.audit`` (decisions, deciding rule ids, reasons, pin findings).  The
-bearer token is never a field; redaction runs on the whole record anyway.
+One JSON line ``{"event": "mcp.request", ...}`` per client request with
+principal, server, method, target, outcome, status, and whatever the stages
+added to ``ex.audit`` (decisions, deciding rule ids, reasons, pin findings).
+The bearer token is never a field.
+
+This is the one log line every request pays for, so it skips structlog's
+processor chain: fields from closed sets (server names, statuses, reasons)
+are written as they are, everything a client or token could influence goes
+through the same redaction as every structlog event, and lines are batched
+into one write per event-loop iteration instead of one syscall each.  The
+output format is the one ``telemetry.logging`` renders.
 """
 from __future__ import annotations
 
+import asyncio
+import sys
 import time
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
-import structlog
+import orjson
 
 from .metrics import BOUND, INFLIGHT, REQUEST_DURATION, REQUESTS, method_label
+from .redact import redact_value
 
 if TYPE_CHECKING:
     from ..pipeline import Exchange
 
-log = structlog.get_logger("gateway.audit")
+
+class AuditWriter:
+    """Batches audit lines and writes them at the end of the loop iteration."""
+
+    def __init__(self, stream: IO[bytes] | None = None) -> None:
+        self._stream = stream
+        self._lines: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, line: bytes) -> None:
+        self._lines.append(line)
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._lines:
+            return
+        data = b"\n".join(self._lines) + b"\n"
+        self._lines.clear()
+        stream = self._stream or sys.stdout.buffer
+        try:
+            stream.write(data)
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # stdout gone (closed pipe at shutdown): nothing left to tell
+
+
+WRITER = AuditWriter()
+
+_SCRUB = ("target", "principal", "issuer", "client_id")
+
+
+def start(ex: "Exchange") -> None:
+    BOUND.get(INFLIGHT, ex.server.name).inc()
 
 
 def finish(ex: "Exchange", enabled: bool = True) -> None:
@@ -29,7 +77,10 @@ def finish(ex: "Exchange", enabled: bool = True) -> None:
     if not enabled:
         return
     p = ex.principal
-    fields = {
+    fields: dict[str, Any] = {
+        "event": "mcp.request",
+        "level": "info" if ex.outcome == "ok" else "warning",
+        "ts": round(time.time(), 6),
         "server": server,
         "http_method": ex.request.method,
         "status": ex.status,
@@ -50,13 +101,11 @@ def finish(ex: "Exchange", enabled: bool = True) -> None:
         fields["upstream_status"] = ex.upstream_status
     if ex.session is not None:
         fields["session"] = ex.session.short
+    for key in _SCRUB:
+        value = fields.get(key)
+        if value and len(value) >= 8:
+            fields[key] = redact_value(key, value)
     if ex.audit:
-        fields.update(ex.audit)
-    if ex.outcome == "ok":
-        log.info("mcp.request", **fields)
-    else:
-        log.warning("mcp.request", **fields)
-
-
-def start(ex: "Exchange") -> None:
-    BOUND.get(INFLIGHT, ex.server.name).inc()
+        for key, value in ex.audit.items():
+            fields[key] = redact_value(key, value)
+    WRITER.write(orjson.dumps(fields, default=str))
