@@ -74,6 +74,10 @@ class Gateway:
     def _policy_stages(self) -> list[Any]:
         """authz and pinning, when their modules are configured (see module docstring)."""
         stages: list[Any] = []
+        # Scopes named in servers.<name>.auth (auth issue): after parse, before authz.
+        from .stages.scopes import Scopes
+        if (scopes := Scopes.make(self.config)) is not None:
+            stages.append(scopes)
         try:
             from .stages.authz import make_authz
         except ImportError:

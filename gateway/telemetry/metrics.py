@@ -91,3 +91,24 @@ def count_rejection(server: str, reason: str) -> None:
 
 def security_event(kind: str) -> None:
     BOUND.get(SECURITY_EVENTS, kind).inc()
+
+
+# --- token termination (gateway/auth/) ------------------------------------------------
+# Refusals are already counted by REJECTIONS (server, reason).  These count the work the
+# resource server does off the hot path: a verified-token cache hit counts nothing.
+AUTH_VERIFICATIONS = Counter(
+    "mcpgw_auth_verifications_total",
+    "Tokens verified from scratch (cache misses), by issuer and outcome (ok or the refusal reason).",
+    ["issuer", "outcome"],
+)
+AUTH_JWKS_FETCHES = Counter(
+    "mcpgw_auth_jwks_fetches_total", "Issuer metadata/JWKS fetches, by issuer and outcome.", ["issuer", "outcome"],
+)
+AUTH_INTROSPECTIONS = Counter(
+    "mcpgw_auth_introspections_total", "RFC 7662 introspection calls, by issuer and outcome.", ["issuer", "outcome"],
+)
+UPSTREAM_CREDENTIALS = Counter(
+    "mcpgw_upstream_credential_fetches_total",
+    "Tokens obtained for upstreams (client credentials, token exchange), by server, kind and outcome.",
+    ["server", "kind", "outcome"],
+)

@@ -1,0 +1,75 @@
+"""The verified-token cache: a bounded LRU that never serves an entry past its expiry.
+
+A hot client presents the same token on every request; verifying RS256 costs
+~50-130 µs of CPU, a hit here ~0.3 µs.  The dict key is the token string itself:
+Python hashes it with a per-process keyed SipHash and compares the full string
+on a match, so there is no collision to engineer, and no second digest to pay
+for (SHA-256 of an 800-byte token costs 3-4 µs on the reference machine, ten
+times the lookup).  Entries are the verified *result* (principal, audiences,
+expiry); the cache lives in process memory only and is never logged, exported
+or shared through the store.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from ..pipeline import Principal
+
+
+# An introspection answer without ``aud`` when the operator allowed that (require_audience: false).
+ANY_AUDIENCE = "\x00any"
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """What a token proved; checked against the mount (audience, issuer) on every use."""
+
+    principal: Principal
+    audiences: frozenset[str]
+    issuer: str
+    expires: float              # epoch seconds after which the entry is dead (exp + leeway)
+    refusal: str | None = None  # a cached *negative* answer (introspection said inactive)
+
+
+V = TypeVar("V")
+
+
+class TokenCache(Generic[V]):
+    __slots__ = ("_data", "_max", "hits", "misses")
+
+    def __init__(self, max_entries: int) -> None:
+        self._data: OrderedDict[str, tuple[float, V]] = OrderedDict()
+        self._max = max_entries
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, token: str, now: float | None = None) -> V | None:
+        item = self._data.get(token)
+        if item is None:
+            self.misses += 1
+            return None
+        if item[0] <= (time.time() if now is None else now):
+            del self._data[token]
+            self.misses += 1
+            return None
+        self._data.move_to_end(token)
+        self.hits += 1
+        return item[1]
+
+    def put(self, token: str, value: V, expires: float) -> None:
+        if self._max <= 0:
+            return
+        data = self._data
+        data[token] = (expires, value)
+        data.move_to_end(token)
+        while len(data) > self._max:
+            data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)

@@ -1,0 +1,187 @@
+"""One issuer's signing keys: discovered, fetched, cached, refreshed, rotated.
+
+Contract: ``lookup(kid, alg)`` is synchronous and cheap (a dict read) and
+is all a request pays while the keys are fresh.  ``refresh()`` is
+single-flight: concurrent callers share one fetch.  An unknown ``kid`` may
+force a refetch at most once per ``jwks_cooldown`` (a rotated key is
+accepted within seconds; a flood of random ``kid`` values costs the IdP one
+request per cool-down).  A failed refresh keeps the previous keys.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from jwt import PyJWK
+from jwt.exceptions import PyJWTError
+
+from ..telemetry.metrics import AUTH_JWKS_FETCHES, BOUND
+from .config import IssuerConfig
+from .fetch import FetchError, discover, request_json
+from .netpolicy import url_problem
+
+log = structlog.get_logger("gateway.auth")
+
+MIN_RSA_BITS = 2048
+_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    kid: str | None
+    key: Any            # a cryptography public key object
+    alg: str | None     # the JWK's own "alg", if it names one
+
+    def fits(self, alg: str) -> bool:
+        """May this key verify a JWS with header ``alg``?  (Key type must match the algorithm.)"""
+        if self.alg is not None and self.alg != alg:
+            return False
+        k = self.key
+        if alg[:2] in ("RS", "PS"):
+            return isinstance(k, rsa.RSAPublicKey)
+        if alg in _CURVES:
+            return isinstance(k, ec.EllipticCurvePublicKey) and k.curve.name == _CURVES[alg]
+        if alg == "EdDSA":
+            return isinstance(k, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey))
+        return False
+
+
+def parse_jwks(doc: dict[str, Any]) -> tuple[list[Key], list[str]]:
+    """The usable signature keys of a JWKS document, and why others were skipped."""
+    keys: list[Key] = []
+    skipped: list[str] = []
+    raw = doc.get("keys")
+    if not isinstance(raw, list):
+        raise FetchError("invalid_jwks", "JWKS has no 'keys' list")
+    for item in raw:
+        if not isinstance(item, dict):
+            continue
+        kid = item.get("kid") if isinstance(item.get("kid"), str) else None
+        if item.get("use") not in (None, "sig"):
+            continue
+        if "d" in item or "k" in item:
+            skipped.append(f"{kid}: private or symmetric key material in a JWKS")
+            continue
+        try:
+            jwk = PyJWK(item)
+        except PyJWTError as exc:
+            skipped.append(f"{kid}: {type(exc).__name__}")
+            continue
+        key = jwk.key
+        if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+            skipped.append(f"{kid}: RSA key shorter than {MIN_RSA_BITS} bits")
+            continue
+        if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey,
+                                ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            continue
+        alg = item.get("alg") if isinstance(item.get("alg"), str) else None
+        keys.append(Key(kid, key, alg))
+    return keys, skipped
+
+
+class KeySet:
+    """The cached keys of one issuer plus the machinery that keeps them current."""
+
+    def __init__(self, cfg: IssuerConfig, timeout: float) -> None:
+        self.cfg = cfg
+        self.timeout = timeout
+        self.jwks_uri: str | None = cfg.jwks_uri
+        self.metadata: dict[str, Any] | None = None
+        self._by_kid: dict[str, list[Key]] = {}
+        self._all: list[Key] = []
+        self.fetched_at: float | None = None      # monotonic time of the last fetch attempt
+        self.loaded = False
+        self._inflight: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self.fetches = 0
+
+    # -- request path ---------------------------------------------------------
+    def lookup(self, kid: str | None, alg: str) -> Key | None:
+        if kid is not None:
+            for key in self._by_kid.get(kid, ()):
+                if key.fits(alg):
+                    return key
+            return None
+        # No kid: only unambiguous when exactly one key fits (never try them all).
+        fitting = [k for k in self._all if k.fits(alg)]
+        return fitting[0] if len(fitting) == 1 else None
+
+    def may_refetch(self) -> bool:
+        return self.fetched_at is None or time.monotonic() - self.fetched_at >= self.cfg.jwks_cooldown
+
+    # -- lifecycle --------------------------------------------------------------
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        """Fetch once (a failure is logged, not fatal) and keep refreshing in the background."""
+        self._session = session
+        try:
+            await self.refresh()
+        except FetchError:
+            pass
+        self._loop_task = asyncio.create_task(self._refresh_loop(), name=f"jwks:{self.cfg.issuer}")
+
+    async def close(self) -> None:
+        for task in (self._loop_task, self._inflight):
+            if task is not None and not task.done():
+                task.cancel()
+        for task in (self._loop_task, self._inflight):
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._loop_task = self._inflight = None
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            # Jitter so replicas do not hit the IdP in lockstep; retry sooner while empty.
+            base = self.cfg.jwks_refresh if self.loaded else min(self.cfg.jwks_refresh, 30.0)
+            await asyncio.sleep(base * random.uniform(0.8, 1.0))
+            try:
+                await self.refresh()
+            except FetchError:
+                pass
+
+    async def refresh(self) -> None:
+        """Fetch metadata (when needed) and the JWKS; concurrent callers share one fetch."""
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.create_task(self._fetch())
+        await asyncio.shield(self._inflight)
+
+    async def _fetch(self) -> None:
+        assert self._session is not None, "KeySet.start() was not called"
+        self.fetched_at = time.monotonic()
+        self.fetches += 1
+        iss = self.cfg.issuer
+        try:
+            if self.jwks_uri is None:
+                self.metadata = await discover(self._session, iss, timeout=self.timeout)
+                uri = self.metadata.get("jwks_uri")
+                if not isinstance(uri, str) or (why := url_problem(uri, allow_query=True)):
+                    raise FetchError("invalid_metadata", f"{iss}: unusable jwks_uri in metadata"
+                                     + (f" ({why})" if isinstance(uri, str) else ""))
+                self.jwks_uri = uri
+            doc = await request_json(self._session, "GET", self.jwks_uri, timeout=self.timeout)
+            keys, skipped = parse_jwks(doc)
+        except FetchError as exc:
+            log.warning("auth.jwks_fetch_failed", issuer=iss, reason=exc.reason, detail=str(exc),
+                        keys_kept=len(self._all))
+            _metric_fetch(iss, exc.reason)
+            raise
+        by_kid: dict[str, list[Key]] = {}
+        for key in keys:
+            if key.kid is not None:
+                by_kid.setdefault(key.kid, []).append(key)
+        self._by_kid, self._all, self.loaded = by_kid, keys, True
+        _metric_fetch(iss, "ok")
+        log.info("auth.jwks_loaded", issuer=iss, keys=len(keys), skipped=skipped or None)
+
+
+def _metric_fetch(issuer: str, outcome: str) -> None:
+    BOUND.get(AUTH_JWKS_FETCHES, issuer, outcome).inc()
