@@ -1,0 +1,62 @@
+# Build, bootstrap and test entry points.  `make test` is what CI runs (.ci/run).
+#
+# Installs happen only here, from PyPI (pip), npm (npm ci, exact lockfile) and Debian
+# (apt-get, for redis-server); the tests themselves never download anything.
+# Stamp files make a repeated `make test` skip installs whose inputs did not change.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+NPM     ?= npm
+JOBS    ?= auto
+PYTEST_ARGS ?=
+
+VENV_STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+
+.PHONY: all venv node redis test demo bench clean
+
+all: test
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+node: $(NODE_STAMP)
+
+$(NODE_STAMP): package.json package-lock.json
+	$(NPM) ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# redis-server is started by the tests themselves (own port, no persistence);
+# this only makes sure the binary exists.
+redis:
+	@if command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redis-server; then \
+		exit 0; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; \
+	else \
+		echo "redis-server is not installed and this is not a root shell with apt-get." >&2; \
+		echo "Install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis) and re-run." >&2; \
+		exit 1; \
+	fi
+
+# pytest exits 5 when it collected no tests: a broken collection must not pass CI.
+test: venv node redis
+	@$(PY) -m pytest -n $(JOBS) tests/ $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; \
+	exit $$rc
+
+demo: venv
+	$(VENV)/bin/mcp-gateway demo
+
+bench: venv
+	$(PY) -m bench
+
+clean:
+	rm -f $(VENV_STAMP) $(NODE_STAMP)
+	rm -rf .pytest_cache .hypothesis results
+	find . -name __pycache__ -type d -not -path './.venv/*' -not -path './node_modules/*' -prune -exec rm -rf {} +
