@@ -14,6 +14,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from .upstream import run
 from .wrk import WORKLOADS, wrk_binary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BUSY_OTHER_PCT = 15.0  # median CPU % of other processes above which the report warns
 
 
 def _ints(text: str) -> list[int]:
@@ -118,8 +120,8 @@ async def bench(args: argparse.Namespace) -> int:
         if "direct" not in names or BASELINE not in names:
             say("direct or the baseline did not start; nothing to compare against")
             return 2
-        runs = [] if args.no_wrk else await throughput(active, upstream, opts)
-        sse = [] if args.no_sse else await streaming(active, opts)
+        runs = [] if args.no_wrk else await throughput(active, upstream, opts, skipped)
+        sse = [] if args.no_sse else await streaming(active, opts, skipped)
     finally:
         for a in active:
             await a.running.stop()
@@ -160,7 +162,14 @@ def render(args: argparse.Namespace, env: dict[str, Any], names: list[str],
         "Absolute figures belong to this box and hour; compare the ratios.", "",
     ]
     if skipped:
-        lines += ["Skipped targets:", *(f"- `{s.name}`: {s.reason}" for s in skipped), ""]
+        lines += ["Skipped or failed targets:",
+                  *(f"- `{s.name}`: {s.reason}" for s in skipped), ""]
+    other = [r["other_cpu_pct"] for r in runs]
+    if other and statistics.median(other) > BUSY_OTHER_PCT:
+        lines += [f"**Warning: the box was busy.** Other processes used a median "
+                  f"{statistics.median(other):.0f} % of a core during the runs (max "
+                  f"{max(other):.0f} %); absolute figures are low and ratios noisy. Re-run "
+                  "when it is quiet, or with `--repeats 3`.", ""]
     if runs:
         lines += ["## Throughput (wrk, closed loop)", "",
                   "err/non2xx/rpc = socket errors and timeouts / HTTP ≥ 400 / 2xx without a "

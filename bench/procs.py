@@ -39,7 +39,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class Proc:
-    """One started server process; stdout is scanned for the ready line, stderr goes to a log."""
+    """One started server process and its log file (stderr, and stdout unless it is scanned).
+
+    With ``ready_line`` stdout is a pipe scanned for ``BENCH_READY``; otherwise it goes to
+    the log too, so a chatty server (the gateway's audit log) never costs the harness CPU.
+    """
 
     def __init__(self, name: str, proc: asyncio.subprocess.Process, log_path: Path) -> None:
         self.name = name
@@ -49,17 +53,19 @@ class Proc:
         self.ready_info: dict[str, Any] | None = None
         self._ready = asyncio.get_running_loop().create_future()
         self._lines: deque[str] = deque(maxlen=50)  # a tail for error messages, bounded
-        self._reader = asyncio.ensure_future(self._read_stdout())
+        self._reader = (asyncio.ensure_future(self._read_stdout())
+                        if proc.stdout is not None else None)
         self._ps = psutil.Process(self.pid)
 
     @classmethod
-    async def start(cls, name: str, argv: list[str], run_dir: Path,
-                    cwd: Path | None = None, env: dict[str, str] | None = None) -> "Proc":
+    async def start(cls, name: str, argv: list[str], run_dir: Path, cwd: Path | None = None,
+                    env: dict[str, str] | None = None, ready_line: bool = True) -> "Proc":
         log_path = run_dir / f"{name}.log"
         log = open(log_path, "wb")  # noqa: SIM115 - the child owns it from here
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+                *argv, stdout=asyncio.subprocess.PIPE if ready_line else log, stderr=log,
+                stdin=asyncio.subprocess.DEVNULL,
                 cwd=cwd, env={**os.environ, **(env or {})}, start_new_session=True)
         finally:
             log.close()
@@ -77,6 +83,8 @@ class Proc:
 
     async def wait_ready_line(self, timeout: float = 15.0) -> dict[str, Any]:
         """Wait for ``BENCH_READY {json}`` on stdout and return the JSON."""
+        if self._reader is None:
+            raise ValueError(f"{self.name} was started without ready_line")
         try:
             info = await asyncio.wait_for(asyncio.shield(self._ready), timeout)
         except asyncio.TimeoutError as exc:
@@ -116,7 +124,7 @@ class Proc:
         last = next((ln.strip() for ln in reversed((out + "\n" + stderr_tail).splitlines())
                      if ln.strip()), "")
         return StartError(f"{self.name} (pid {self.pid}): {why}\n--- stdout tail ---\n{out}\n"
-                          f"--- stderr tail ({self.log_path}) ---\n{stderr_tail}",
+                          f"--- log tail ({self.log_path}) ---\n{stderr_tail}",
                           f"{why}: {last}"[:400])
 
     def tree(self) -> list[psutil.Process]:
@@ -139,7 +147,8 @@ class Proc:
     async def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``; descendants found now get the same."""
         if self.proc.returncode is not None:
-            await self._reader
+            if self._reader is not None:
+                await self._reader
             return
         family = self.tree()
         for p in reversed(family):
@@ -152,7 +161,8 @@ class Proc:
             if p.is_running():
                 _signal(p, signal.SIGKILL)
         await self.proc.wait()
-        await asyncio.wait_for(self._reader, timeout)
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, timeout)
 
 
 def _signal(p: psutil.Process, sig: int) -> None:

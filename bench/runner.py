@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from .mcp import McpSession, ProtocolError
+from .mcp import McpSession, ProtocolError, base_headers
 from .procs import Proc, StartError
 from .sse import run_sse
 from .targets import Context, Running, Target
@@ -53,6 +53,10 @@ class RunOptions:
     sse_session_per_worker: bool
 
 
+# /proc/stat fields that add up to wall time; guest time is already inside user.
+_TOTAL_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
 def say(*parts: Any) -> None:
     print("bench:", *parts, file=sys.stderr, flush=True)
 
@@ -73,6 +77,8 @@ async def start_targets(ctx: Context, targets: list[Target], opts: RunOptions
                 running = await t.start(ctx)
                 session = await McpSession(running.url, dict(running.headers)).open(http)
                 pre = await session.preflight(http)
+                if "Authorization" in running.headers:
+                    await _expect_401(http, running.url)
             except (StartError, ProtocolError, aiohttp.ClientError, asyncio.TimeoutError,
                     OSError) as exc:
                 reason = exc.summary if isinstance(exc, StartError) else \
@@ -92,20 +98,40 @@ async def start_targets(ctx: Context, targets: list[Target], opts: RunOptions
     return active, skipped
 
 
-async def throughput(active: list[Active], upstream: Proc, opts: RunOptions
-                     ) -> list[dict[str, Any]]:
+async def _expect_401(http: aiohttp.ClientSession, url: str) -> None:
+    """A target measured "with auth" must refuse a request without the token."""
+    async with http.post(url, data=b'{"jsonrpc":"2.0","id":1,"method":"ping"}',
+                         headers=base_headers()) as resp:
+        if resp.status != 401:
+            raise ProtocolError(f"no token: expected 401, got HTTP {resp.status}")
+
+
+async def throughput(active: list[Active], upstream: Proc, opts: RunOptions,
+                     failed: list[Skipped]) -> list[dict[str, Any]]:
+    """All wrk rounds; a target that breaks is dropped (and listed in ``failed``)."""
     runs: list[dict[str, Any]] = []
     run_no = 0
     for rep in range(opts.repeats):
         for conc in opts.concs:
             k = rep % len(active)
             for a in active[k:] + active[:k]:
-                if opts.warmup > 0:
+                if any(f.name == a.target.name for f in failed):
+                    continue
+                try:
+                    if opts.warmup > 0:
+                        run_no += 1
+                        await run_wrk(a.running.url, a.script, conc, opts.warmup, run_no,
+                                      opts.wrk_threads)
                     run_no += 1
-                    await run_wrk(a.running.url, a.script, conc, opts.warmup, run_no,
-                                  opts.wrk_threads)
-                run_no += 1
-                r = await _measure(a, upstream, conc, opts, run_no)
+                    r = await _measure(a, upstream, conc, opts, run_no)
+                    proc = a.running.proc
+                    if proc is not None and proc.proc.returncode is not None:
+                        raise RuntimeError(f"exited with code {proc.proc.returncode} "
+                                           f"(log {proc.log_path})")
+                except RuntimeError as exc:
+                    say(f"{a.target.name}: dropped at c={conc}: {exc}")
+                    failed.append(Skipped(a.target.name, f"failed at c={conc}: {exc}"[:400]))
+                    continue
                 r["repeat"] = rep
                 runs.append(r)
                 say(f"r{rep} c={conc:<3} {a.target.name:<16} {r['rps']:>9,.0f} req/s  "
@@ -130,7 +156,7 @@ async def _measure(a: Active, upstream: Proc, conc: int, opts: RunOptions,
     harness_s = time.process_time() - h0
     proxy_s = (proxy.cpu_seconds() - p0) if proxy else 0.0
     upstream_s = upstream.cpu_seconds() - u0
-    total_s = sum(s1) - sum(s0)
+    total_s = sum(getattr(s1, f) - getattr(s0, f) for f in _TOTAL_FIELDS if hasattr(s0, f))
     busy_s = total_s - (s1.idle - s0.idle) - (getattr(s1, "iowait", 0) - getattr(s0, "iowait", 0))
     # On a shared box, CPU used by anything else during the run is the noise to watch.
     other_s = busy_s - proxy_s - upstream_s - w.wrk_cpu_s - harness_s
@@ -149,14 +175,22 @@ async def _measure(a: Active, upstream: Proc, conc: int, opts: RunOptions,
     }
 
 
-async def streaming(active: list[Active], opts: RunOptions) -> list[tuple[str, Any]]:
+async def streaming(active: list[Active], opts: RunOptions,
+                    failed: list[Skipped]) -> list[tuple[str, Any]]:
     out = []
     for conc in opts.sse_concs:
         n = opts.sse_requests or max(10, 4 * conc)
         modes = [1] + ([conc] if conc > 1 and opts.sse_session_per_worker else [])
         for sessions in modes:
             for a in active:
-                r = await run_sse(a.running.url, a.running.headers, conc, n, sessions)
+                if any(f.name == a.target.name for f in failed):
+                    continue
+                try:
+                    r = await run_sse(a.running.url, a.running.headers, conc, n, sessions)
+                except (ProtocolError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    say(f"{a.target.name}: dropped in the SSE test: {exc}")
+                    failed.append(Skipped(a.target.name, f"SSE session setup failed: {exc}"[:400]))
+                    continue
                 firsts = sorted(e[0] for e in r.events_ms if e)
                 say(f"sse c={conc:<3} sessions={sessions:<3} {a.target.name:<16} "
                     f"first event p50 {firsts[len(firsts) // 2] if firsts else float('nan'):.2f} "

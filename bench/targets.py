@@ -20,6 +20,7 @@ from .issuer import LocalIssuer
 from .procs import Proc, free_port
 
 SERVER_NAME = "bench"  # the gateway serves the upstream at /mcp/<SERVER_NAME>
+POLICY = Path(__file__).resolve().parent / "policy.yaml"
 
 
 @dataclass
@@ -102,7 +103,10 @@ async def _no_headers(ctx: Context, endpoint: str) -> dict[str, str]:
 
 
 def gateway_config(ctx: Context, port: int, admin_port: int) -> dict[str, Any]:
-    """The base config: auth off, memory store, one upstream; variants override sections."""
+    """The base config: auth off, memory store, the bench policy, one upstream.
+
+    Variants replace whole top-level sections (``auth``, say) with their own.
+    """
     public_url = f"http://127.0.0.1:{port}"
     return {
         "listen": {"host": "127.0.0.1", "port": port},
@@ -110,6 +114,7 @@ def gateway_config(ctx: Context, port: int, admin_port: int) -> dict[str, Any]:
         "public_url": public_url,
         "store": "memory",
         "auth": {"mode": "none"},
+        "policies": str(POLICY),
         "servers": {SERVER_NAME: {"url": ctx.upstream_origin + ctx.upstream_path}},
     }
 
@@ -134,7 +139,7 @@ def gateway_target(name: str, description: str, config: ConfigFn = _no_config,
         argv = [ctx.python, "-m", "gateway", "serve", "-c", str(cfg_path)]
         if ctx.gateway_workers:
             argv += ["--workers", str(ctx.gateway_workers)]
-        proc = await Proc.start(name, argv, ctx.run_dir, cwd=ctx.repo_root)
+        proc = await Proc.start(name, argv, ctx.run_dir, cwd=ctx.repo_root, ready_line=False)
         try:
             await proc.wait_http_ready(f"http://127.0.0.1:{admin_port}/readyz")
         except BaseException:

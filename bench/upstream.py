@@ -47,16 +47,21 @@ _REASONS = {200: b"OK", 202: b"Accepted", 400: b"Bad Request", 404: b"Not Found"
 def make_tools(n: int) -> list[dict[str, Any]]:
     """``echo`` and ``stream`` first, then fillers up to ``n`` tools in all."""
     text_schema = {"type": "object", "properties": {"text": {"type": "string"}}}
+    # Read-only, said explicitly: MCP's defaults make an unannotated tool destructive,
+    # which a default-secure gateway refuses unless its policy says otherwise.
+    read_only = {"readOnlyHint": True, "destructiveHint": False, "openWorldHint": False}
     tools = [
-        {"name": "echo", "description": "Echo the text argument.", "inputSchema": text_schema},
+        {"name": "echo", "description": "Echo the text argument.", "inputSchema": text_schema,
+         "annotations": read_only},
         {"name": "stream", "description": "Send progress notifications, then a result.",
          "inputSchema": {"type": "object", "properties": {
-             "count": {"type": "integer"}, "interval_ms": {"type": "integer"}}}},
+             "count": {"type": "integer"}, "interval_ms": {"type": "integer"}}},
+         "annotations": read_only},
     ]
     for i in range(max(0, n - len(tools))):
         tools.append({"name": f"filler_{i:03d}",
                       "description": f"Filler tool {i} for tools/list and pinning benchmarks.",
-                      "inputSchema": text_schema})
+                      "inputSchema": text_schema, "annotations": read_only})
     return tools
 
 
