@@ -248,6 +248,9 @@ def gateway_config(config: dict[str, Any], listen_port: int, admin_port: int) ->
     cfg.setdefault("public_url", f"http://127.0.0.1:{cfg['listen']['port']}")
     cfg.setdefault("store", "memory")
     cfg.setdefault("auth", {"mode": "none"})
+    # Tests stop the gateway with SIGTERM while clients may still hold SSE streams open;
+    # the production default (30 s) would outlast procs.DEFAULT_STOP_TIMEOUT and end in SIGKILL.
+    cfg.setdefault("shutdown_grace", 1.0)
     return cfg
 
 
