@@ -12,6 +12,7 @@
     gateway                  factory: gateway(config_dict, env=None) -> Gateway
                              (.base_url .url(name) .admin_url .config .log_lines() .json_logs()
                              .wait_for_log(pred) .stop()); `await gateway.astart(...)` from async tests
+    idp                      factory: idp(env=None) -> Idp, a real oidc-provider AS (tests/idp/fixture.py)
 
 Every process is stopped by PID at teardown; when a test fails its processes' log tails are
 attached to the report.
@@ -39,6 +40,9 @@ from tests.support.components import (
     worker_tag,
 )
 from tests.support.procs import ManagedProcess
+
+# The OAuth authorization server fixture (`idp`) lives with its start script.
+pytest_plugins = ["tests.idp.fixture"]
 
 T = TypeVar("T")
 _PROCS_KEY = pytest.StashKey[list[ManagedProcess]]()

@@ -35,7 +35,8 @@ from .config import IssuerConfig
 from .fetch import FetchError
 from .keys import KeySet
 
-_JWS_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+# The signature may be empty so that alg "none" is refused by name, not as "malformed".
+_JWS_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _EMBEDDED_KEY_HEADERS = ("jwk", "jku", "x5u", "x5c")
 _ALGORITHMS = get_default_algorithms()
 _PRINTABLE = re.compile(r"[^A-Za-z0-9+/._:-]")
