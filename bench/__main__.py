@@ -8,7 +8,6 @@ when a goal fails or a selected target was skipped.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform

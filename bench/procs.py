@@ -114,6 +114,25 @@ class Proc:
                 await asyncio.sleep(0.05)
         raise self.failure(f"{url} not 200 after {timeout:g} s ({last})")
 
+    async def wait_redis_ready(self, port: int, timeout: float = 15.0) -> None:
+        """Send PING until the server answers +PONG; fail early if the process exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.returncode is not None:
+                raise self.failure(f"exited with code {self.proc.returncode}")
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                try:
+                    writer.write(b"PING\r\n")
+                    if (await asyncio.wait_for(reader.readline(), 2)).startswith(b"+PONG"):
+                        return
+                finally:
+                    writer.close()
+            except (OSError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(0.05)  # a probe interval; the loop ends on PONG or the deadline
+        raise self.failure(f"no PONG on port {port} after {timeout:g} s")
+
     def failure(self, why: str) -> StartError:
         stderr_tail = ""
         try:

@@ -51,6 +51,7 @@ class Summary:
     proxy_us_per_req: float
     proxy_cpu_pct: float
     upstream_us_per_req: float
+    aux_us_per_req: float
     wrk_cpu_pct: float
     other_cpu_pct: float
     steal_pct: float
@@ -69,6 +70,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[tuple[str, int], Summary]:
             max(r["max_ms"] for r in rs), sum(r["errors"] for r in rs),
             sum(r["non2xx"] for r in rs), sum(r["rpc_errors"] for r in rs),
             med("proxy_us_per_req"), med("proxy_cpu_pct"), med("upstream_us_per_req"),
+            med("aux_us_per_req"),
             med("wrk_cpu_pct"), med("other_cpu_pct"), med("steal_pct"))
     return out
 
@@ -115,11 +117,13 @@ def throughput_table(summ: dict[tuple[str, int], Summary], targets: list[str],
                          _f(s.rps / b.rps, 3) if b else "–",
                          _f(s.p50_ms - d.p50_ms) if d else "–",
                          _f(s.proxy_us_per_req, 1), _f(s.proxy_cpu_pct, 0),
-                         _f(s.upstream_us_per_req, 1), _f(s.wrk_cpu_pct, 0), _f(s.other_cpu_pct, 0),
+                         _f(s.upstream_us_per_req, 1),
+                         _f(s.aux_us_per_req, 1) if s.aux_us_per_req else "–",
+                         _f(s.wrk_cpu_pct, 0), _f(s.other_cpu_pct, 0),
                          _f(s.steal_pct, 1)])
     return _table(["target", "c", "req/s", "min–max", "p50 ms", "p90 ms", "p99 ms", "max ms",
                    "err/non2xx/rpc", "× direct", f"× {baseline}", "+p50 ms vs direct",
-                   "proxy µs/req", "proxy CPU %", "upstream µs/req", "wrk CPU %", "other CPU %", "steal %"],
+                   "proxy µs/req", "proxy CPU %", "upstream µs/req", "redis µs/req", "wrk CPU %", "other CPU %", "steal %"],
                   rows)
 
 

@@ -147,6 +147,7 @@ async def _measure(a: Active, upstream: Proc, conc: int, opts: RunOptions,
     proxy = a.running.proc
     p0 = proxy.cpu_seconds() if proxy else 0.0
     u0 = upstream.cpu_seconds()
+    a0 = sum(p.cpu_seconds() for p in a.running.aux)
     h0 = time.process_time()
     s0 = psutil.cpu_times()
     t0 = time.monotonic()
@@ -156,10 +157,11 @@ async def _measure(a: Active, upstream: Proc, conc: int, opts: RunOptions,
     harness_s = time.process_time() - h0
     proxy_s = (proxy.cpu_seconds() - p0) if proxy else 0.0
     upstream_s = upstream.cpu_seconds() - u0
+    aux_s = sum(p.cpu_seconds() for p in a.running.aux) - a0
     total_s = sum(getattr(s1, f) - getattr(s0, f) for f in _TOTAL_FIELDS if hasattr(s0, f))
     busy_s = total_s - (s1.idle - s0.idle) - (getattr(s1, "iowait", 0) - getattr(s0, "iowait", 0))
     # On a shared box, CPU used by anything else during the run is the noise to watch.
-    other_s = busy_s - proxy_s - upstream_s - w.wrk_cpu_s - harness_s
+    other_s = busy_s - proxy_s - upstream_s - aux_s - w.wrk_cpu_s - harness_s
     n = max(w.requests, 1)
     return {
         "target": a.target.name, "conc": conc, "requests": w.requests, "rps": w.rps,
@@ -168,7 +170,7 @@ async def _measure(a: Active, upstream: Proc, conc: int, opts: RunOptions,
         "wall_s": wall, "proxy_cpu_s": proxy_s, "proxy_us_per_req": proxy_s / n * 1e6,
         "proxy_cpu_pct": proxy_s / wall * 100, "upstream_us_per_req": upstream_s / n * 1e6,
         "upstream_cpu_pct": upstream_s / wall * 100, "wrk_cpu_pct": w.wrk_cpu_s / wall * 100,
-        "other_cpu_pct": max(other_s, 0.0) / wall * 100,
+        "aux_us_per_req": aux_s / n * 1e6, "other_cpu_pct": max(other_s, 0.0) / wall * 100,
         "steal_pct": (getattr(s1, "steal", 0) - getattr(s0, "steal", 0)) / total_s * 100
         if total_s > 0 else 0.0,
         "wrk": w.raw,

@@ -9,6 +9,7 @@ A target kind is one of:
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ class Context:
     gateway_workers: int | None = None
     python: str = sys.executable
     _issuer: LocalIssuer | None = None
+    _redis: Proc | None = None
+    _redis_url: str = ""
 
     async def issuer(self) -> LocalIssuer:
         """The run's local RS256 issuer, started on first use."""
@@ -41,9 +44,27 @@ class Context:
             self._issuer = await LocalIssuer.start()
         return self._issuer
 
+    async def redis(self) -> tuple[str, Proc]:
+        """The run's own redis-server (free port, no persistence), started on first use."""
+        if self._redis is None:
+            port = free_port()
+            proc = await Proc.start("redis", [
+                shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1",
+                "--port", str(port), "--save", "", "--appendonly", "no"],
+                self.run_dir, ready_line=False)
+            try:
+                await proc.wait_redis_ready(port)
+            except BaseException:
+                await proc.stop()
+                raise
+            self._redis, self._redis_url = proc, f"redis://127.0.0.1:{port}/0"
+        return self._redis_url, self._redis
+
     async def close(self) -> None:
         if self._issuer is not None:
             await self._issuer.close()
+        if self._redis is not None:
+            await self._redis.stop()
 
 
 @dataclass
@@ -54,6 +75,7 @@ class Running:
     proc: Proc | None
     headers: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    aux: list[Proc] = field(default_factory=list)  # helpers it needs (redis): CPU shown apart
 
     async def stop(self) -> None:
         if self.proc is not None:
@@ -126,19 +148,23 @@ def gateway_unavailable(ctx: Context) -> str | None:
 
 
 def gateway_target(name: str, description: str, config: ConfigFn = _no_config,
-                   headers: HeadersFn = _no_headers,
+                   headers: HeadersFn = _no_headers, workers: int | None = None,
                    unavailable: Callable[[Context], str | None] = gateway_unavailable) -> Target:
-    """A gateway target: the base config updated with ``config``'s sections, plus headers."""
+    """A gateway target: the base config updated with ``config``'s sections, plus headers.
+
+    ``workers`` fixes ``--workers`` for this variant; otherwise ``--gateway-workers`` applies.
+    """
 
     async def start(ctx: Context) -> Running:
         port, admin_port = free_port(), free_port()
         cfg = gateway_config(ctx, port, admin_port)
         cfg.update(await config(ctx, cfg["public_url"]))
+        aux = [(await ctx.redis())[1]] if str(cfg["store"]).startswith("redis") else []
         cfg_path = ctx.run_dir / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         argv = [ctx.python, "-m", "gateway", "serve", "-c", str(cfg_path)]
-        if ctx.gateway_workers:
-            argv += ["--workers", str(ctx.gateway_workers)]
+        if workers or ctx.gateway_workers:
+            argv += ["--workers", str(workers or ctx.gateway_workers)]
         proc = await Proc.start(name, argv, ctx.run_dir, cwd=ctx.repo_root, ready_line=False)
         try:
             await proc.wait_http_ready(f"http://127.0.0.1:{admin_port}/readyz")
@@ -147,7 +173,7 @@ def gateway_target(name: str, description: str, config: ConfigFn = _no_config,
             raise
         endpoint = f"{cfg['public_url']}/mcp/{SERVER_NAME}"
         return Running(url=endpoint, proc=proc, headers=await headers(ctx, endpoint),
-                       notes=[f"config {cfg_path}"])
+                       notes=[f"config {cfg_path}"], aux=aux)
 
     return Target(name, "gateway", description, start, unavailable)
 
@@ -155,6 +181,15 @@ def gateway_target(name: str, description: str, config: ConfigFn = _no_config,
 async def _jwt_config(ctx: Context, public_url: str) -> dict[str, Any]:
     issuer = await ctx.issuer()
     return {"auth": {"issuers": [{"issuer": issuer.issuer, "jwks_uri": issuer.jwks_uri}]}}
+
+
+async def _redis_config(ctx: Context, public_url: str) -> dict[str, Any]:
+    return {"store": (await ctx.redis())[0]}
+
+
+def _redis_unavailable(ctx: Context) -> str | None:
+    return gateway_unavailable(ctx) or (
+        None if shutil.which("redis-server") else "redis-server is not installed")
 
 
 async def _jwt_headers(ctx: Context, endpoint: str) -> dict[str, str]:
@@ -176,6 +211,11 @@ GATEWAY_VARIANTS = [
     gateway_target("gateway", "the gateway, auth off, memory store"),
     gateway_target("gateway-jwt", "the gateway verifying an RS256 JWT from a local issuer",
                    config=_jwt_config, headers=_jwt_headers, unavailable=_jwt_unavailable),
+    gateway_target("gateway-redis", "the gateway with its session store in Redis",
+                   config=_redis_config, unavailable=_redis_unavailable),
+    # Sessions must be shared between workers, hence Redis.
+    gateway_target("gateway-2w", "the gateway, 2 SO_REUSEPORT workers, Redis store",
+                   config=_redis_config, workers=2, unavailable=_redis_unavailable),
 ]
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
