@@ -16,9 +16,19 @@ from tests.support.components import Everything, Gateway, start_everything, star
 from tests.support.conformance import SuiteRun, list_server_scenarios, run_server_suite
 
 MOUNT = "everything"
-# Conformance needs the gateway to let every call through, so the mount gets an allow-all
-# policy; everything else (Origin/Host checks, sessions, inspection) keeps its defaults.
-ALLOW_ALL_POLICY = f"servers:\n  {MOUNT}:\n    default: allow\n"
+# Conformance measures protocol transparency, not policy, so the mount gets an allow-all
+# policy: every tool/resource/prompt (including unknown and possibly destructive tools, which
+# the suite calls by its own fixture names) and every method.  Everything else (Origin/Host
+# checks, sessions, inspection) keeps its defaults.
+ALLOW_ALL_POLICY = f"""\
+servers:
+  {MOUNT}:
+    default: allow
+    destructive: allow
+    methods:
+      - id: conformance-any-method
+        match: ["**"]
+"""
 
 
 @pytest.fixture(scope="module")
