@@ -29,7 +29,6 @@ from tests.idp.fixture import Idp, start_idp
 from tests.support.components import Gateway, Upstream, start_gateway, start_upstream
 from tests.support.gw_helpers import LEGACY_VERSION, http_client, initialize, post, rpc, with_policy
 
-pytestmark = pytest.mark.asyncio
 
 
 def b64(data: bytes) -> str:

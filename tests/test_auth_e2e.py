@@ -24,7 +24,6 @@ from mcp.client.streamable_http import streamable_http_client
 from tests.idp.fixture import HeadlessBrowser, MemoryTokenStorage, oauth_provider
 from tests.support.gw_helpers import LEGACY_VERSION, http_client, post, rpc, with_policy
 
-pytestmark = pytest.mark.asyncio
 
 
 def claims_of(token: str) -> dict[str, Any]:

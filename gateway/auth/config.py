@@ -9,9 +9,8 @@ except on loopback); an operator loosens them by writing it down.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from ..config.reader import Reader
 from ..config.secrets import SecretRef
@@ -247,33 +246,31 @@ def _scope_map(r: Reader, key: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 
 def parse_server_auth(s: Reader, ctx: dict[str, Any]) -> ServerAuth:
-    if not s.has("auth"):
-        s.seen.add("auth")
-        return NO_SERVER_AUTH
-    sub = s.mapping("auth")
-    issuers = sub.str_list("issuers")
-    scopes = _scope_list(sub, "scopes")
-    supported = _scope_list(sub, "scopes_supported") if sub.has("scopes_supported") else None
-    if supported is None:
+    if s.has("auth"):
+        sub = s.mapping("auth")
+        supported = _scope_list(sub, "scopes_supported") if sub.has("scopes_supported") else None
         sub.seen.add("scopes_supported")
-    cfg = ServerAuth(
-        issuers=issuers, scopes=scopes, scopes_supported=supported,
-        method_scopes=_scope_map(sub, "method_scopes"), tool_scopes=_scope_map(sub, "tool_scopes"),
-        forward_identity=sub.bool("forward_identity", False),
-    )
-    sub.done()
+        cfg = ServerAuth(
+            issuers=sub.str_list("issuers"), scopes=_scope_list(sub, "scopes"), scopes_supported=supported,
+            method_scopes=_scope_map(sub, "method_scopes"), tool_scopes=_scope_map(sub, "tool_scopes"),
+            forward_identity=sub.bool("forward_identity", False),
+        )
+        sub.done()
+    else:
+        s.seen.add("auth")
+        sub, cfg = s, NO_SERVER_AUTH
     auth: AuthConfig | None = ctx.get("auth")
     if auth is not None and auth.mode == "oauth":
         known = {i.issuer for i in auth.issuers}
-        for iss in issuers:
+        for iss in cfg.issuers:
             if iss not in known:
                 sub.error("issuers", f"{sub.path}.issuers: {iss!r} is not one of auth.issuers")
-        trusted = [i for i in auth.issuers if not issuers or i.issuer in issuers]
+        trusted = [i for i in auth.issuers if not cfg.issuers or i.issuer in cfg.issuers]
         if sum(1 for i in trusted if i.introspection) > 1:
             # An opaque token carries no issuer: sending it to several ASes leaks it to all but one.
-            sub.error("issuers" if issuers else None,
+            sub.error("issuers" if cfg.issuers else None,
                       f"{sub.path}: several trusted issuers introspect opaque tokens; restrict "
-                      f"{sub.path}.issuers so that at most one of them does")
-    elif auth is not None and (issuers or scopes or cfg.method_scopes or cfg.tool_scopes):
+                      f"{s.path}.auth.issuers so that at most one of them does")
+    elif auth is not None and (cfg.issuers or cfg.scopes or cfg.method_scopes or cfg.tool_scopes):
         sub.error(None, f"{sub.path} restricts tokens but auth.mode is 'none'")
     return cfg
