@@ -48,10 +48,11 @@ def direct_run(workdir: Path) -> Iterator[SuiteRun]:
 @pytest.fixture(scope="module")
 def gateway_stack(workdir: Path) -> Iterator[tuple[Everything, Gateway]]:
     server = start_everything(workdir / "via-gateway")
-    policy = workdir / "via-gateway" / "policies.yaml"
-    policy.write_text(ALLOW_ALL_POLICY)
+    policies = workdir / "via-gateway" / "policies"
+    policies.mkdir()
+    (policies / f"{MOUNT}.yaml").write_text(ALLOW_ALL_POLICY)
     try:
-        gw = start_gateway(workdir / "via-gateway", {"servers": {MOUNT: server}, "policies": str(policy)})
+        gw = start_gateway(workdir / "via-gateway", {"servers": {MOUNT: server}, "policies": str(policies)})
     except BaseException:
         server.stop()
         raise

@@ -13,6 +13,7 @@ redis-server, the OAuth AS) goes through :func:`start`.  The rules it enforces:
 """
 from __future__ import annotations
 
+import atexit
 import http.client
 import os
 import re
@@ -28,6 +29,17 @@ DEFAULT_READY_TIMEOUT = 20.0
 DEFAULT_STOP_TIMEOUT = 5.0
 TAIL_LINES = 40
 PROBE_PACE = 0.02  # seconds between readiness probes (spent waiting for the child to exit)
+
+
+# Children run in their own session, so an interrupted pytest would not take them along:
+# stop whatever is still running at interpreter exit (Ctrl-C, a crashed fixture).
+_LIVE: set[ManagedProcess] = set()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for proc in list(_LIVE):
+        proc.stop(timeout=2.0)
 
 
 class ProcessError(RuntimeError):
@@ -47,6 +59,7 @@ class ManagedProcess:
         self._eof = False
         self._reader = threading.Thread(target=self._pump, name=f"log-{name}", daemon=True)
         self._reader.start()
+        _LIVE.add(self)
 
     @property
     def pid(self) -> int:
@@ -153,7 +166,9 @@ class ManagedProcess:
                 _signal(self.pid, signal.SIGKILL)
                 self.popen.wait(timeout)
         self._reader.join(timeout)
-        if self.popen.stdout is not None:
+        _LIVE.discard(self)
+        # A grandchild may still hold the pipe open; then the reader owns it until EOF.
+        if self.popen.stdout is not None and not self._reader.is_alive():
             self.popen.stdout.close()
         return self.popen.returncode
 
