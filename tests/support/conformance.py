@@ -21,7 +21,7 @@ _RESULT_DIR = re.compile(r"^server-(?P<scenario>.+)-\d{4}-\d{2}-\d{2}T\d{2}-\d{2
 _LISTED = re.compile(r"^\s+-\s+(?P<scenario>\S+)\s+\[")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Scenario:
     name: str
     checks: tuple[dict[str, Any], ...]
@@ -34,6 +34,9 @@ class Scenario:
         """At least one SUCCESS and no FAILURE (the CLI's own tick also accepts zero checks)."""
         return bool(self.with_status("SUCCESS")) and not self.with_status("FAILURE")
 
+    def __repr__(self) -> str:
+        return f"Scenario({self.name!r}, {'PASS' if self.passed else 'FAIL'})"
+
     def describe(self) -> str:
         lines = [f"{self.name}: {'PASS' if self.passed else 'FAIL'}"]
         for check in self.checks:
@@ -44,7 +47,7 @@ class Scenario:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SuiteRun:
     url: str
     scenarios: dict[str, Scenario]
@@ -54,6 +57,9 @@ class SuiteRun:
 
     def passing(self) -> set[str]:
         return {name for name, scenario in self.scenarios.items() if scenario.passed}
+
+    def __repr__(self) -> str:  # pytest prints fixtures' reprs on failure: keep it to one line
+        return f"SuiteRun({self.url!r}, {len(self.passing())}/{len(self.scenarios)} scenarios passing)"
 
 
 def _node() -> str:
