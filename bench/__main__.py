@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .procs import Proc
+from .procs import Proc, set_priority
 from .runner import RunOptions, say, start_targets, streaming, throughput
 from .targets import BASELINE, DEFAULT_TARGETS, TARGETS, Context
 from .upstream import run
@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     ap.add_argument("--keep-logs", action="store_true", help="keep the run directory")
     ap.add_argument("--strict", action="store_true")
+    ap.add_argument("--nice", type=int, default=None,
+                    help="scheduling priority for the harness and everything it starts "
+                         "(e.g. -10 as root on a box shared with other work)")
     ap.add_argument("--list", action="store_true", help="list targets and exit")
     args = ap.parse_args(argv)
     names = list(TARGETS) if args.targets == "all" else args.targets.split(",")
@@ -107,13 +110,14 @@ async def bench(args: argparse.Namespace) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="mcp-bench-"))
     say(f"run directory {run_dir}")
     upstream = await Proc.start("upstream", [sys.executable, "-m", "bench.upstream",
-                                             "--tools", str(args.tools)], run_dir, cwd=REPO_ROOT)
+                                             "--tools", str(args.tools)], run_dir, cwd=REPO_ROOT,
+                            nice=args.nice)
     ctx: Context | None = None
     active = []
     try:
         port = (await upstream.wait_ready_line())["port"]
         ctx = Context(run_dir, REPO_ROOT, f"http://127.0.0.1:{port}",
-                      gateway_workers=args.gateway_workers)
+                      gateway_workers=args.gateway_workers, nice=args.nice)
         active, skipped = await start_targets(ctx, [TARGETS[n] for n in args.names], opts)
         names = [a.target.name for a in active]
         if "direct" not in names or BASELINE not in names:
@@ -157,7 +161,8 @@ def render(args: argparse.Namespace, env: dict[str, Any], names: list[str],
         f"uvloop {env['uvloop']}, httptools {env['httptools']}, {env['wrk']}.", "",
         f"`{cmdline}`: workload `{args.workload}`, {args.duration:g} s runs after "
         f"{args.warmup:g} s warm-up, {args.repeats} interleaved repeat(s) (median shown), "
-        f"wrk -t{args.wrk_threads}, one MCP session per target, unique JSON-RPC ids. "
+        f"wrk -t{args.wrk_threads}, one MCP session per target, unique JSON-RPC ids"
+        f"{f', nice {args.nice}' if args.nice is not None else ''}. "
         "Absolute figures belong to this box and hour; compare the ratios.", "",
     ]
     if skipped:
@@ -205,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{t.name:<18} {t.kind:<9} {t.description}")
         return
     wrk_binary()
+    if args.nice is not None:
+        # The harness and wrk (same session); each server gets it again in Proc.start.
+        set_priority(os.getpid(), args.nice)
     sys.exit(run(bench(args), uvloop=True))
 
 

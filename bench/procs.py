@@ -59,7 +59,8 @@ class Proc:
 
     @classmethod
     async def start(cls, name: str, argv: list[str], run_dir: Path, cwd: Path | None = None,
-                    env: dict[str, str] | None = None, ready_line: bool = True) -> "Proc":
+                    env: dict[str, str] | None = None, ready_line: bool = True,
+                    nice: int | None = None) -> "Proc":
         log_path = run_dir / f"{name}.log"
         log = open(log_path, "wb")  # noqa: SIM115 - the child owns it from here
         try:
@@ -69,6 +70,8 @@ class Proc:
                 cwd=cwd, env={**os.environ, **(env or {})}, start_new_session=True)
         finally:
             log.close()
+        if nice is not None:
+            set_priority(proc.pid, nice)
         return cls(name, proc, log_path)
 
     async def _read_stdout(self) -> None:
@@ -182,6 +185,20 @@ class Proc:
         await self.proc.wait()
         if self._reader is not None:
             await asyncio.wait_for(self._reader, timeout)
+
+
+def set_priority(pid: int, nice: int) -> None:
+    """Nice ``pid`` and, where the kernel groups by session (autogroup), its session too.
+
+    With autogroup on, CPU is shared fairly between sessions first and nice values count
+    only inside one, so a nice value alone does nothing against other sessions' work.
+    Each server here runs in its own session, so each gets the autogroup nice as well.
+    """
+    os.setpriority(os.PRIO_PROCESS, pid, nice)
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+    except OSError:
+        pass  # no autogroup on this kernel: the plain nice value is all there is
 
 
 def _signal(p: psutil.Process, sig: int) -> None:

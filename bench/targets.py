@@ -33,6 +33,7 @@ class Context:
     upstream_origin: str
     upstream_path: str = "/mcp"
     gateway_workers: int | None = None
+    nice: int | None = None
     python: str = sys.executable
     _issuer: LocalIssuer | None = None
     _redis: Proc | None = None
@@ -51,7 +52,7 @@ class Context:
             proc = await Proc.start("redis", [
                 shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1",
                 "--port", str(port), "--save", "", "--appendonly", "no"],
-                self.run_dir, ready_line=False)
+                self.run_dir, ready_line=False, nice=self.nice)
             try:
                 await proc.wait_redis_ready(port)
             except BaseException:
@@ -100,7 +101,7 @@ def _bare(name: str, *flags: str) -> Callable[[Context], Awaitable[Running]]:
     async def start(ctx: Context) -> Running:
         proc = await Proc.start(name, [ctx.python, "-m", "bench.bare_proxy",
                                        "--upstream", ctx.upstream_origin, *flags],
-                                ctx.run_dir, cwd=ctx.repo_root)
+                                ctx.run_dir, cwd=ctx.repo_root, nice=ctx.nice)
         try:
             port = (await proc.wait_ready_line())["port"]
         except BaseException:
@@ -137,6 +138,7 @@ def gateway_config(ctx: Context, port: int, admin_port: int) -> dict[str, Any]:
         "store": "memory",
         "auth": {"mode": "none"},
         "policies": str(POLICY),
+        "pins": str(ctx.run_dir / "pins"),  # tool pins (lock files) stay inside the run
         "servers": {SERVER_NAME: {"url": ctx.upstream_origin + ctx.upstream_path}},
     }
 
@@ -160,12 +162,14 @@ def gateway_target(name: str, description: str, config: ConfigFn = _no_config,
         cfg = gateway_config(ctx, port, admin_port)
         cfg.update(await config(ctx, cfg["public_url"]))
         aux = [(await ctx.redis())[1]] if str(cfg["store"]).startswith("redis") else []
+        (ctx.run_dir / "pins").mkdir(exist_ok=True)
         cfg_path = ctx.run_dir / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         argv = [ctx.python, "-m", "gateway", "serve", "-c", str(cfg_path)]
         if workers or ctx.gateway_workers:
             argv += ["--workers", str(workers or ctx.gateway_workers)]
-        proc = await Proc.start(name, argv, ctx.run_dir, cwd=ctx.repo_root, ready_line=False)
+        proc = await Proc.start(name, argv, ctx.run_dir, cwd=ctx.repo_root, ready_line=False,
+                                nice=ctx.nice)
         try:
             await proc.wait_http_ready(f"http://127.0.0.1:{admin_port}/readyz")
         except BaseException:
