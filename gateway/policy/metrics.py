@@ -1,0 +1,30 @@
+"""Policy metrics (module-level singletons, as in gateway.telemetry.metrics).
+
+Reload results are counted by ``mcpgw_config_reloads_total{what="policies"}``
+from the telemetry catalogue; decisions are counted here by server, effect and
+reason, all from closed sets (server names come from the config).
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+POLICY_DECISIONS = Counter(
+    "mcpgw_policy_decisions_total",
+    "Authorization decisions on calls (tools/call, resources/read, prompts/get, other methods), "
+    "by server, effect (allow, deny, step_up) and reason.",
+    ["server", "effect", "reason"],
+)
+POLICY_HIDDEN = Counter(
+    "mcpgw_policy_hidden_items_total",
+    "Tools, resources, templates and prompts removed from list results for the caller, by server.",
+    ["server"],
+)
+POLICY_GENERATION = Gauge(
+    "mcpgw_policy_generation", "Policy set generation in force (1 at start, +1 per successful reload).",
+    multiprocess_mode="max",
+)
+POLICY_RULES = Gauge("mcpgw_policy_rules", "Rules in the policy set in force.", multiprocess_mode="max")
+POLICY_LAST_RELOAD = Gauge(
+    "mcpgw_policy_last_reload_timestamp_seconds", "When the policy set in force was loaded.",
+    multiprocess_mode="max",
+)

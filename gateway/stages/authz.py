@@ -1,0 +1,198 @@
+"""Authorization: the policy decision for every call, the same decision for every list.
+
+Runs after parse (it decides on the checked JSON-RPC body) and authn (it
+needs the principal).  ``on_request`` fires once per client message:
+
+- calls (``tools/call``, ``resources/read``, ``resources/(un)subscribe``,
+  ``prompts/get``) and other methods are decided here; a refusal for missing
+  scopes is ``InsufficientScope`` (403 step-up naming every scope the call
+  needs), any other refusal is ``PolicyDenied`` worded exactly like an
+  unknown tool/resource/prompt, so a refusal never reveals existence.
+  Arguments are checked here, before anything reaches the upstream.
+- lists (``tools/list``, ``resources/list``, ``resources/templates/list``,
+  ``prompts/list``) go upstream and a response hook removes, from every
+  result message (JSON or each SSE event, every page), what this caller may
+  not use, deciding with the same function and the same policy set.
+
+The policy set is read once per request from the holder; the call decision
+and the list hook both use that snapshot, so a reload never changes the
+rules under a request in flight.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from ..errors import InsufficientScope, PolicyDenied
+from ..inspect.catalog import ToolCatalog
+from ..policy.decide import ALLOWED, ANY, STEP_UP, UNKNOWN, Decision, decide, decide_template
+from ..policy.load import load_policies_strict
+from ..policy.metrics import POLICY_DECISIONS, POLICY_HIDDEN
+from ..policy.model import EMPTY, METHODS, PROMPTS, RESOURCES, TOOLS, PolicySet
+from ..policy.reload import PolicyHolder, PolicyWatcher
+from ..telemetry.metrics import BOUND
+
+if TYPE_CHECKING:
+    from ..config.model import Config
+    from ..pipeline import Exchange
+
+log = structlog.get_logger("gateway.policy")
+
+# Protocol plumbing that grants nothing by itself; every other method is decided.
+ALWAYS_ALLOWED = frozenset({"initialize", "ping", "server/discover"})
+# method -> (kind, params field naming the target)
+TARGETED = {
+    "tools/call": (TOOLS, "name"),
+    "resources/read": (RESOURCES, "uri"),
+    "resources/subscribe": (RESOURCES, "uri"),
+    "resources/unsubscribe": (RESOURCES, "uri"),
+    "prompts/get": (PROMPTS, "name"),
+}
+# method -> (result field holding the items, item field naming each, kind)
+LISTS = {
+    "tools/list": ("tools", "name", TOOLS),
+    "resources/list": ("resources", "uri", RESOURCES),
+    "resources/templates/list": ("resourceTemplates", "uriTemplate", RESOURCES),
+    "prompts/list": ("prompts", "name", PROMPTS),
+}
+# What the caller is told: the same words an MCP server uses for a name it does not know.
+_UNKNOWN = {TOOLS: "Unknown tool: {}", RESOURCES: "Resource not found: {}", PROMPTS: "Unknown prompt: {}",
+            METHODS: "Method not found: {}"}
+
+
+def target(method: str, message: dict[str, Any] | None) -> tuple[str, str, Any]:
+    """(kind, name, arguments) for a method that is decided per call."""
+    params = message.get("params") if isinstance(message, dict) else None
+    params = params if isinstance(params, dict) else {}
+    if method in TARGETED:
+        kind, field = TARGETED[method]
+        name = params.get(field)
+        return kind, name if isinstance(name, str) else "", params.get("arguments")
+    return METHODS, method, None
+
+
+class Authz:
+    """The authz stage; ``policies`` is the holder every request reads its snapshot from."""
+
+    name = "authz"
+
+    def __init__(self, policies: PolicyHolder, catalog: ToolCatalog | None = None,
+                 watcher: PolicyWatcher | None = None) -> None:
+        self.policies = policies
+        self.catalog = catalog if catalog is not None else ToolCatalog()
+        self.watcher = watcher
+
+    async def start(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.start()
+
+    async def close(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.close()
+
+    async def on_request(self, ex: "Exchange") -> None:
+        """Fires after parse, before the upstream is contacted; ``ex.principal`` and ``ex.message`` are set."""
+        method = ex.method
+        if method is None or method in ALWAYS_ALLOWED or method.startswith("notifications/"):
+            return   # responses to server requests, notifications, handshake
+        policies = self.policies.current
+        listing = LISTS.get(method)
+        if listing is not None:
+            ex.response_hooks.append(ListFilter(policies, self.catalog, *listing))
+            ex.audit["decision"] = "filter"
+            ex.audit["policy"] = policies.digest[:12]
+            return
+        kind, name, arguments = target(method, ex.message)
+        annotations = UNKNOWN
+        if kind == TOOLS:
+            tool = self.catalog.get(ex.server.name, name)
+            annotations = (tool.get("annotations") or {}) if tool is not None else UNKNOWN
+        d = decide(policies, ex.server.name, kind, name, ex.principal, arguments, annotations)
+        self._record(ex, d, policies)
+        if d.effect == ALLOWED:
+            return
+        # Without an issuer (auth mode none) no token can ever carry more scopes: no step-up.
+        if d.effect == STEP_UP and ex.principal.issuer:
+            raise InsufficientScope(f"this call needs the scope(s): {' '.join(d.scopes)}", scopes=d.scopes)
+        if d.reason == "arguments_invalid":
+            raise PolicyDenied(f"Invalid arguments for {name}: {d.detail}")
+        raise PolicyDenied(_UNKNOWN[kind].format(name))
+
+    @staticmethod
+    def _record(ex: "Exchange", d: Decision, policies: PolicySet) -> None:
+        ex.audit["decision"] = d.effect
+        ex.audit["decision_reason"] = d.reason
+        ex.audit["rules"] = list(d.rules)
+        ex.audit["policy"] = policies.digest[:12]
+        if d.scopes:
+            ex.audit["required_scopes"] = list(d.scopes)
+        BOUND.get(POLICY_DECISIONS, ex.server.name, d.effect, d.reason).inc()
+
+
+class ListFilter:
+    """Response hook: keeps the list items this caller may use (see module docstring)."""
+
+    __slots__ = ("policies", "catalog", "field", "key", "kind")
+
+    def __init__(self, policies: PolicySet, catalog: ToolCatalog, field: str, key: str, kind: str) -> None:
+        self.policies = policies
+        self.catalog = catalog
+        self.field = field
+        self.key = key
+        self.kind = kind
+
+    def __call__(self, ex: "Exchange", message: dict[str, Any]) -> dict[str, Any] | None:
+        result = message.get("result")
+        if "method" in message or not isinstance(result, dict) or self.field not in result:
+            return message   # notifications, server requests, errors: not a list result
+        items = result[self.field]
+        if not isinstance(items, list):
+            result[self.field] = []
+            return message
+        server = ex.server.name
+        if self.kind == TOOLS:
+            self.catalog.update(server, items)
+        kept = [item for item in items if self._visible(server, ex.principal, item)]
+        hidden = len(items) - len(kept)
+        if hidden:
+            result[self.field] = kept
+            ex.audit["hidden"] = ex.audit.get("hidden", 0) + hidden
+            BOUND.get(POLICY_HIDDEN, server).inc(hidden)
+        return message
+
+    def _visible(self, server: str, principal: Any, item: Any) -> bool:
+        if not isinstance(item, dict):
+            return False
+        name = item.get(self.key)
+        if not isinstance(name, str):
+            return False   # malformed entries are dropped, not guessed at
+        if self.field == "resourceTemplates":
+            return decide_template(self.policies, server, name, principal).allowed
+        annotations = (item.get("annotations") or {}) if self.kind == TOOLS else UNKNOWN
+        return decide(self.policies, server, self.kind, name, principal, ANY, annotations).allowed
+
+
+def make_authz(config: "Config", gw: Any) -> Authz:
+    """Build the stage for ``app.py``: load the policies (raise ``ConfigError``) and set up reload.
+
+    With no ``policies:`` key every server is default-deny: only protocol
+    plumbing passes, lists come back empty, and a warning says so at start.
+    """
+    catalog = getattr(gw, "catalog", None)
+    if catalog is None:
+        catalog = ToolCatalog()
+        try:
+            gw.catalog = catalog
+        except AttributeError:
+            pass
+    if config.policies_path is None:
+        log.warning("policy.none_configured", detail="no 'policies:' in the config: every tool, resource, "
+                    "prompt and method call is refused (default deny); see docs/policy.md")
+        return Authz(PolicyHolder(EMPTY), catalog)
+    initial = load_policies_strict(config.policies_path, config.servers)
+    holder = PolicyHolder(initial)
+    log.info("policy.loaded", rules=initial.rule_count, files=len(initial.files), digest=initial.digest[:12])
+    watcher = PolicyWatcher(holder, config.policies_path, config.servers)
+    return Authz(holder, catalog, watcher)
+
