@@ -54,7 +54,14 @@ def _run_one(config: Any, reuse_port: bool) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
         uvloop = None
     runner = uvloop.run if uvloop is not None else asyncio.run
-    runner(serve(config, reuse_port=reuse_port))
+    try:
+        runner(serve(config, reuse_port=reuse_port))
+    except ConfigError as exc:
+        # Stages that load their own files at start (policies: gateway.stages.authz) refuse here.
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print("refusing to start: fix the files above (mcp-gateway check -c FILE)", file=sys.stderr)
+        return 2
     return 0
 
 
