@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 VENV_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: all venv node redis test demo bench clean
+.PHONY: all venv node redis wrk test demo bench clean
 
 all: test
 
@@ -53,8 +53,24 @@ test: venv node redis
 demo: venv
 	$(VENV)/bin/mcp-gateway demo
 
-bench: venv
-	$(PY) -m bench
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(VENV_STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
+wrk:
+	@if command -v wrk >/dev/null 2>&1; then \
+		exit 0; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk; \
+	else \
+		echo "wrk is not installed (Debian/Ubuntu: sudo apt-get install wrk; macOS: brew install wrk)." >&2; \
+		exit 1; \
+	fi
+
+bench: $(BENCH_STAMP) wrk redis
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -f $(VENV_STAMP) $(NODE_STAMP)

@@ -116,6 +116,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("refusing to start: fix the configuration above (mcp-gateway check -c FILE)", file=sys.stderr)
         return 2
     if args.workers > 1:
+        if config.store.kind == "memory":
+            print(f"{config.store.loc}: store 'memory' is per process: with --workers {args.workers} "
+                  "sessions and pins would not be shared; use a redis:// store", file=sys.stderr)
+            return 2
         return _run_workers(args, args.workers)
     configure_logging(config.logging.level)
     return _run_one(config, reuse_port=args.reuse_port or args.workers > 1)

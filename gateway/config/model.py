@@ -280,8 +280,15 @@ def parse_config(node: Any, path: str, problems: list[Problem], *, check_secrets
         path=path, listen=listen, admin=admin, public_url=public_url, public_host=public_host,
         store=store, auth=auth, http=http, limits=limits, logging=logging_cfg,
         shutdown_grace=shutdown_grace, servers=servers, policies_path=policies_path,
-        pinning_dir=pins_dir if pins_dir is not None else policies_path,
+        pinning_dir=pins_dir if pins_dir is not None else _default_pins_dir(policies_path),
     )
+
+
+def _default_pins_dir(policies_path: str | None) -> str | None:
+    """Lock files live next to the policies: the directory, or the file's directory."""
+    if policies_path is None or os.path.isdir(policies_path):
+        return policies_path
+    return os.path.dirname(policies_path)
 
 
 def load_config(path: str, *, check_secrets: bool = True) -> Config:
