@@ -34,8 +34,9 @@ def explain(policies: PolicySet, server: str, kind: str, name: str, principal: A
         lines.append(f"policy:    no section for {server!r} and no '*' section: default deny")
     else:
         section = "its own section" if sp.name == server else "the '*' section"
-        lines.append(f"policy:    {section} at {sp.loc}; default {sp.default}; destructive {sp.destructive.mode}"
-                     + (f" (scopes {' '.join(sp.destructive.scopes)})" if sp.destructive.scopes else ""))
+        destructive = (f"destructive tools need {' '.join(sp.destructive.scopes)}" if sp.destructive.mode == "scopes"
+                       else f"destructive tools: {sp.destructive.mode}")
+        lines.append(f"policy:    {section} at {sp.loc}; default {sp.default}; {destructive}")
         matching = {id(s.rule) for s in trace}
         considered = [r for r in sp.rules.get(kind, ())]
         if considered:
@@ -47,8 +48,8 @@ def explain(policies: PolicySet, server: str, kind: str, name: str, principal: A
                 detail = "an earlier rule decided" if outcome == "not reached" else "name does not match"
             else:
                 outcome, detail = step.outcome, step.detail
-            lines.append(f"  {rule.effect:5} {rule.id:32} {outcome:11} {detail}".rstrip()
-                         + f"   [{rule.loc.file}:{rule.loc.line}]")
+            lines.append(f"  {rule.effect:5} {rule.id:32} {outcome:11} [{rule.loc.file}:{rule.loc.line}]"
+                         + (f" {detail}" if detail else ""))
     verdict = f"decision:  {d.effect} ({d.reason})"
     if d.rules:
         verdict += f" by rule {d.rules[0]}"
