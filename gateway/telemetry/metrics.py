@@ -112,3 +112,26 @@ UPSTREAM_CREDENTIALS = Counter(
     "Tokens obtained for upstreams (client credentials, token exchange), by server, kind and outcome.",
     ["server", "kind", "outcome"],
 )
+
+
+# --- tool pinning and poisoning (gateway/inspect/pin_signals.py) -----------------------------------
+# Labels: server (config), kind (a closed set: the pinning kinds in gateway/inspect/pinning.py, or a
+# poisoning rule id from the loaded rule files), severity and action (blocked, warned, pinned).
+# Never tool text: names and excerpts go to the audit log only.
+TOOL_PIN_EVENTS = Counter(
+    "mcpgw_tool_pin_events_total",
+    "Tool-definition pinning events (a change against the approved state, or a tofu pin), by server, kind "
+    "and action.",
+    ["server", "kind", "action"],
+)
+TOOL_POISONING_FINDINGS = Counter(
+    "mcpgw_tool_poisoning_findings_total",
+    "Poisoning findings in relayed tool definitions, by server, kind (rule id), severity and action.",
+    ["server", "kind", "severity", "action"],
+)
+TOOL_CALLS_HELD = Counter(
+    "mcpgw_tool_calls_held_total",
+    "tools/call refused because the tool's current definition is not approved, by server and kind.",
+    ["server", "kind"],
+)
+# --- end tool pinning and poisoning ----------------------------------------------------------------

@@ -1,0 +1,398 @@
+"""Tool-poisoning scan: what a tool definition tells the model, checked before the model reads it.
+
+Two kinds of checks, both configured as data in ``poisoning_rules.yaml``:
+
+- *rules*: regular expressions over the text the model reads (instructions
+  aimed at the model, requests to read files, keys or the environment,
+  references to other tools, exfiltration channels);
+- *detectors*: code with parameters (invisible and bidirectional Unicode,
+  ANSI escapes, homoglyph names, overlong descriptions, cross-server
+  shadowing and references).
+
+``RuleSet.scan`` depends on the definition alone, so callers memoise it per
+definition; ``RuleSet.scan_context`` depends on the other mounted servers'
+tools and runs per listing.  A finding names its rule, severity and where it
+matched, with a short escaped excerpt; the caller decides block or warn from
+the severity.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from ..config.reader import Reader
+from ..config.yamlloc import LList, Loc, load_file
+from ..errors import ConfigError, Problem
+from .names import STANDARD_NAME, NameIndex, homoglyphs, scripts
+
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+BUILTIN_RULES = os.path.join(os.path.dirname(__file__), "poisoning_rules.yaml")
+RULE_ID = r"[a-z][a-z0-9_]{0,47}"
+EXCERPT_CHARS = 80
+TRIGGER_SPAN = 300   # a pattern's match must lie within this many characters of a trigger
+
+DETECTORS: dict[str, dict[str, Any]] = {
+    "bidi_control": {}, "tag_characters": {}, "invisible_unicode": {}, "ansi_escape": {},
+    "control_characters": {}, "nonstandard_name": {}, "homoglyph_name": {}, "mixed_script_word": {},
+    "overlong_description": {"max_chars": 2048}, "whitespace_padding": {},
+    "shadowing_exact": {}, "shadowing_confusable": {}, "cross_server_reference": {"min_name_length": 6},
+}
+_DETECTOR_TEXT = {
+    "bidi_control": "contains bidirectional control characters (text can display differently from what the model reads)",
+    "tag_characters": "contains Unicode tag characters (invisible ASCII)",
+    "invisible_unicode": "contains invisible characters",
+    "ansi_escape": "contains terminal escape sequences",
+    "control_characters": "contains control characters",
+    "nonstandard_name": "tool name uses characters outside A-Z a-z 0-9 _ - .",
+    "homoglyph_name": "tool name uses letters that imitate Latin ones, or mixes scripts",
+    "mixed_script_word": "a word mixes Latin letters with look-alike letters from another script",
+    "overlong_description": "description is far longer than usual",
+    "whitespace_padding": "long runs of blank lines or spaces push text out of view",
+    "shadowing_exact": "another mounted server offers a tool with the same name",
+    "shadowing_confusable": "another tool has a different name that looks the same",
+    "cross_server_reference": "text names a tool of another mounted server",
+}
+
+_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
+_TAGS = re.compile("[\U000e0000-\U000e007f]")
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200d\u2060-\u2064\u206a-\u206f"
+    "\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0\U0001d173-\U0001d17a\U000e0100-\U000e01ef]")
+_STRIP = re.compile(_INVISIBLE.pattern[:-1] + _BIDI.pattern[1:-1] + _TAGS.pattern[1:])
+_ESC = re.compile("[\x1b\x9b]")
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f-\x9a\x9c-\x9f]")
+_PADDING = re.compile(r"\n[ \t]*(?:\n[ \t]*){10,}\S|[ \t]{60,}\S")
+_WORD = re.compile(r"\w+")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    rule: str
+    severity: str
+    where: str          # JSON path of the string, e.g. inputSchema.properties.path.description
+    excerpt: str        # short and escaped: safe for logs, never a metric label
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"rule": self.rule, "severity": self.severity, "where": self.where,
+                "excerpt": self.excerpt, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str
+    severity: str
+    message: str
+    where: str
+    regex: re.Pattern[str]
+    loc: Loc | None = None
+    triggers: tuple[str, ...] = ()   # lower-case substrings; the regex runs only if one occurs
+
+    def search(self, text: str, hits: list[int] | None) -> re.Match[str] | None:
+        """First match in ``text``; with ``hits`` (sorted trigger offsets) only near them."""
+        if hits is None:
+            return self.regex.search(text)
+        start, end = max(0, hits[0] - TRIGGER_SPAN), hits[0] + TRIGGER_SPAN
+        for i in hits[1:]:
+            if i - TRIGGER_SPAN > end:
+                if m := self.regex.search(text, start, end):
+                    return m
+                start = i - TRIGGER_SPAN
+            end = i + TRIGGER_SPAN
+        return self.regex.search(text, start, end)
+
+
+@dataclass(frozen=True, slots=True)
+class Scanned:
+    """The definition-only part of a scan; ``text`` is kept for ``scan_context``."""
+
+    findings: tuple[Finding, ...]
+    text: str
+
+
+def escape_excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """Printable excerpt: invisible, bidi and control characters shown as ``<U+XXXX>``."""
+    out = []
+    for ch in text[: limit * 2]:
+        if ch.isprintable() and not _STRIP.match(ch) or ch == " ":
+            out.append(ch)
+        else:
+            out.append(f"<U+{ord(ch):04X}>")
+        if len(out) >= limit:
+            out.append("…")
+            break
+    return "".join(out)
+
+
+def collect_strings(tool: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every string the model reads in a definition, with its path (the name excluded)."""
+    out: list[tuple[str, str]] = []
+
+    def walk(value: Any, path: str, in_properties: bool) -> None:
+        if isinstance(value, str):
+            out.append((path, value))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                sub = f"{path}.{key}" if path else str(key)
+                if in_properties:
+                    out.append((sub + "#name", str(key)))   # a parameter name is text the model reads
+                walk(item, sub, key == "properties" and isinstance(item, dict))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{path}[{i}]", False)
+
+    for key, value in tool.items():
+        if key != "name":
+            walk(value, key, False)
+    return out
+
+
+def _normalise(text: str) -> str:
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFKC", _STRIP.sub("", text))
+
+
+class RuleSet:
+    """Compiled rules and detector settings; immutable once loaded."""
+
+    def __init__(self, rules: list[Rule], detectors: dict[str, dict[str, Any]], sources: tuple[str, ...]) -> None:
+        self.rules = tuple(r for r in rules)
+        self.detectors = detectors
+        self.sources = sources
+        by_trigger: dict[str, list[int]] = {}
+        for i, rule in enumerate(self.rules):
+            for trigger in rule.triggers:
+                by_trigger.setdefault(trigger, []).append(i)
+        self._triggers = tuple((t, tuple(ix)) for t, ix in by_trigger.items())
+        self._untriggered = tuple(i for i, r in enumerate(self.rules) if not r.triggers)
+
+    def _plan(self, text: str) -> dict[int, list[int] | None]:
+        """Which rules can match ``text`` and where: rule index -> sorted trigger offsets
+        (None: search everywhere).  One pass of ``str.find`` per distinct trigger."""
+        lowered = text.lower()
+        if len(lowered) != len(text):   # offsets must line up ("İ" lower-cases to two characters)
+            return {i: None for i in range(len(self.rules))}
+        plan: dict[int, list[int] | None] = {i: None for i in self._untriggered}
+        for trigger, owners in self._triggers:
+            i = lowered.find(trigger)
+            while i != -1:
+                for owner in owners:
+                    hits = plan.get(owner)
+                    if hits is None:
+                        plan[owner] = [i]
+                    else:
+                        hits.append(i)
+                i = lowered.find(trigger, i + 1)
+        for hits in plan.values():
+            if hits is not None:
+                hits.sort()
+        return plan
+
+    @classmethod
+    def load(cls, extra_files: Iterable[str] = ()) -> "RuleSet":
+        """The built-in rules merged with ``extra_files`` (by rule id); ConfigError lists every problem."""
+        problems: list[Problem] = []
+        rules: dict[str, dict[str, Any]] = {}
+        detectors: dict[str, dict[str, Any]] = {k: dict(v) for k, v in DETECTORS.items()}
+        sources = (BUILTIN_RULES, *extra_files)
+        for path in sources:
+            _read_rules_file(path, rules, detectors, problems)
+        compiled = []
+        for rid, spec in rules.items():
+            if not spec.get("enabled", True):
+                continue
+            if spec.get("pattern") is None or spec.get("severity") is None:
+                problems.append(Problem(spec["loc"], f"rule {rid!r} needs a pattern and a severity"))
+                continue
+            flags = re.VERBOSE | re.MULTILINE | (0 if spec.get("case_sensitive") else re.IGNORECASE)
+            try:
+                regex = re.compile(spec["pattern"], flags)
+            except re.error as exc:
+                problems.append(Problem(spec["loc"], f"rule {rid!r}: invalid regular expression: {exc}"))
+                continue
+            compiled.append(Rule(rid, spec["severity"], spec.get("message") or rid,
+                                 spec.get("where", "text"), regex, spec["loc"],
+                                 tuple(t.lower() for t in spec.get("triggers", ()))))
+        if problems:
+            raise ConfigError(problems)
+        return cls(compiled, detectors, tuple(sources))
+
+    def severity(self, detector: str) -> str | None:
+        d = self.detectors.get(detector)
+        return None if d is None or not d.get("enabled", True) else d.get("severity")
+
+    # -- the scan --------------------------------------------------------------
+
+    def scan(self, tool: dict[str, Any]) -> Scanned:
+        """Checks that depend on this definition alone (memoise per definition)."""
+        found: list[Finding] = []
+        name = tool.get("name")
+        name = name if isinstance(name, str) else ""
+        strings = collect_strings(tool)
+        self._scan_characters([("name", name), *strings], found)
+        self._scan_name(name, found)
+        description = tool.get("description")
+        if isinstance(description, str):
+            self._check_length(description, found)
+        parts: list[str] = []
+        starts: list[int] = []
+        paths: list[str] = []
+        offset = 0
+        for path, raw in strings:
+            norm = _normalise(raw)
+            starts.append(offset)
+            paths.append(path)
+            parts.append(norm)
+            offset += len(norm) + 2
+        text = "\n\n".join(parts)
+        plan = self._plan(text)
+        desc_plan: dict[int, list[int] | None] | None = None
+        for index in sorted(plan):
+            rule = self.rules[index]
+            if rule.where == "description":
+                if isinstance(description, str):
+                    desc = _normalise(description)
+                    desc_plan = desc_plan if desc_plan is not None else self._plan(desc)
+                    if index in desc_plan and (m := rule.search(desc, desc_plan[index])):
+                        found.append(Finding(rule.id, rule.severity, "description",
+                                             escape_excerpt(m.group(0)), rule.message))
+                continue
+            m = rule.search(text, plan[index])
+            if m is not None:
+                where = paths[max(0, bisect.bisect_right(starts, m.start()) - 1)] if paths else ""
+                found.append(Finding(rule.id, rule.severity, where, escape_excerpt(m.group(0)), rule.message))
+        return Scanned(tuple(found), text)
+
+    def scan_context(self, server: str, name: str, scanned: Scanned, index: NameIndex) -> list[Finding]:
+        """Checks against the other mounted servers' tools: shadowing and cross-server references."""
+        out: list[Finding] = []
+        exact_sev, conf_sev = self.severity("shadowing_exact"), self.severity("shadowing_confusable")
+        for other_server, other, exact in index.collisions(server, name):
+            sev = exact_sev if exact else conf_sev
+            if sev is not None:
+                rule = "shadowing_exact" if exact else "shadowing_confusable"
+                out.append(Finding(rule, sev, "name", escape_excerpt(f"{name} ~ {other_server}/{other}"),
+                                   _DETECTOR_TEXT[rule]))
+        sev = self.severity("cross_server_reference")
+        if sev is not None and scanned.text:
+            for other_server, other in index.mentions(server, scanned.text)[:3]:
+                out.append(Finding("cross_server_reference", sev, "text",
+                                   escape_excerpt(f"{other_server}/{other}"), _DETECTOR_TEXT["cross_server_reference"]))
+        return out
+
+    def _add(self, found: list[Finding], detector: str, where: str, excerpt: str) -> None:
+        sev = self.severity(detector)
+        if sev is not None and not any(f.rule == detector and f.where == where for f in found):
+            found.append(Finding(detector, sev, where, escape_excerpt(excerpt), _DETECTOR_TEXT[detector]))
+
+    def _scan_characters(self, strings: list[tuple[str, str]], found: list[Finding]) -> None:
+        for path, raw in strings:
+            if raw.isascii() and raw.isprintable():
+                continue
+            if not raw.isascii():
+                self._scan_unicode(path, raw, found)
+            if m := _ESC.search(raw):
+                self._add(found, "ansi_escape", path, raw[max(0, m.start() - 10):m.end() + 20])
+            if m := _CONTROL.search(raw):
+                self._add(found, "control_characters", path, raw[max(0, m.start() - 10):m.end() + 20])
+            if "\n" in raw or "  " in raw:
+                if m := _PADDING.search(raw):
+                    self._add(found, "whitespace_padding", path, repr(m.group(0)[:30]))
+
+    def _scan_unicode(self, path: str, raw: str, found: list[Finding]) -> None:
+        if m := _BIDI.search(raw):
+            self._add(found, "bidi_control", path, raw[max(0, m.start() - 20):m.end() + 20])
+        if m := _TAGS.search(raw):
+            self._add(found, "tag_characters", path, raw[max(0, m.start() - 20):m.end() + 20])
+        for m in _INVISIBLE.finditer(raw):
+            if not _benign_joiner(raw, m.start()):
+                self._add(found, "invisible_unicode", path, raw[max(0, m.start() - 20):m.end() + 20])
+                break
+        if self.severity("mixed_script_word"):
+            for w in _WORD.finditer(raw):
+                word = w.group(0)
+                if not word.isascii() and any(c.isascii() and c.isalpha() for c in word) and homoglyphs(word):
+                    self._add(found, "mixed_script_word", path, word)
+                    break
+
+    def _scan_name(self, name: str, found: list[Finding]) -> None:
+        if not STANDARD_NAME.fullmatch(name):
+            self._add(found, "nonstandard_name", "name", name)
+        if not name.isascii() and (homoglyphs(name) or len(scripts(name)) > 1):
+            self._add(found, "homoglyph_name", "name", name)
+
+    def _check_length(self, description: str, found: list[Finding]) -> None:
+        limit = self.detectors["overlong_description"].get("max_chars", 2048)
+        if len(description) > limit:
+            self._add(found, "overlong_description", "description", f"{len(description)} characters (limit {limit})")
+
+
+def _benign_joiner(text: str, i: int) -> bool:
+    """U+FE0F after a symbol and U+200D between symbols are how emoji are written."""
+    ch = text[i]
+    before = unicodedata.category(text[i - 1]) if i > 0 else ""
+    if ch == "\ufe0f":
+        return before in ("So", "Sk", "Sm") or (i > 0 and text[i - 1].isdigit())
+    if ch == "\u200d" and i + 1 < len(text):
+        after = unicodedata.category(text[i + 1])
+        return before in ("So", "Mn", "Sk") and after == "So"
+    return False
+
+
+def _read_rules_file(path: str, rules: dict[str, dict[str, Any]], detectors: dict[str, dict[str, Any]],
+                     problems: list[Problem]) -> None:
+    node, file_problems = load_file(path)
+    problems.extend(file_problems)
+    if node is None:
+        return
+    r = Reader(node, problems, "", Loc(path, 1, 1))
+    version = r.int("version", 1)
+    if version != 1:
+        r.error("version", f"unsupported rules file version {version} (this gateway reads version 1)")
+    det = r.mapping("detectors")
+    for name in list(det.node):
+        det.seen.add(name)
+        if name not in DETECTORS:
+            det.error(name, f"unknown detector {name!r} (known: {', '.join(sorted(DETECTORS))})")
+            continue
+        d = Reader(det.node[name], problems, f"detectors.{name}", det.at(name))
+        spec = detectors[name]
+        if d.has("severity"):
+            spec["severity"] = d.str("severity", choices=SEVERITIES)
+        spec["enabled"] = d.bool("enabled", spec.get("enabled", True))
+        for param, default in DETECTORS[name].items():
+            spec[param] = d.int(param, spec.get(param, default), min=1)
+        d.done()
+    items = r.list("rules")
+    for i, item in enumerate(items):
+        s = Reader(item, problems, f"rules[{i}]", items.at(i) if isinstance(items, LList) else None)
+        rid = s.str("id", required=True, pattern=RULE_ID)
+        if rid is None:
+            s.done()
+            continue
+        if rid in DETECTORS:
+            s.error("id", f"rule id {rid!r} is a detector name; configure it under detectors:")
+        spec = rules.setdefault(rid, {"loc": s.loc})
+        if spec.get("_file") == path:
+            s.error("id", f"duplicate rule id {rid!r} in this file (first at line {spec['loc'].line})")
+        spec["_file"] = path
+        for key, getter in (("severity", lambda k: s.str(k, choices=SEVERITIES)),
+                            ("message", s.str), ("pattern", s.str),
+                            ("where", lambda k: s.str(k, choices=("text", "description"))),
+                            ("enabled", s.bool), ("case_sensitive", s.bool),
+                            ("triggers", s.str_list)):
+            if s.has(key):
+                value = getter(key)
+                if value is not None:
+                    spec[key] = value
+            else:
+                s.seen.add(key)
+        if s.has("pattern"):
+            spec["loc"] = s.at("pattern")
+        s.done()
+    r.done()

@@ -1,0 +1,396 @@
+"""Pinning: no tool definition reaches the model unless it is the approved one.
+
+Runs after authz (a refused tool must look unknown before pinning could say
+"held"); its response hook therefore runs *before* authz's list filter and
+sees the upstream's whole tool list.  ``on_request`` fires once per client
+message of a server whose ``pinning.mode`` is not ``off``:
+
+- ``tools/list``: the approved set is made available (lock file re-read if it
+  changed; a tofu pin loaded or, on first sight, established from a complete
+  side fetch), then a hook inspects every page of the result (JSON or each
+  SSE event): fingerprints, change kinds, poisoning findings.  Held tools are
+  removed from the page (``enforce``/``tofu``, or a blocking finding); the rest
+  is relayed and the catalog updated.  A listing's last page completes it:
+  removed tools are reported and the tool-set fingerprint recorded.
+- ``tools/call``: refused with ``ToolHeld`` (-32005) when the tool's current
+  definition is not approved.  "Current" is the catalog's, refreshed by a side
+  fetch when this replica has not seen a complete listing, when it is older
+  than ``recheck_after``, or after ``notifications/tools/list_changed``.
+- every SSE stream of the server (GET streams, ``subscriptions/listen``, call
+  streams) is watched for ``notifications/tools/list_changed``, which marks the
+  catalog stale here and, through the store, on every replica.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import structlog
+
+from ..errors import (
+    GatewayError, ToolHeld, Unavailable, UpstreamAuthRefused, UpstreamInvalid, UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from ..inspect.catalog import Entry, ToolCatalog
+from ..inspect.fingerprint import set_fingerprint
+from ..inspect.names import NameIndex
+from ..inspect.pin_signals import Signals, record
+from ..inspect.pin_state import ServerPins
+from ..inspect.pinning import context_findings, evaluate, removed
+from ..inspect.tool_fetch import FetchError, fetch_tools
+from ..store.base import StoreError
+
+if TYPE_CHECKING:
+    from ..config.model import Config, ServerConfig
+    from ..pipeline import Exchange
+
+log = structlog.get_logger("gateway.pinning")
+CHANNEL = "pinning"          # store pub/sub: b"stale:<server>:<replica>" and b"reset:<server>"
+MAX_OPEN_LISTINGS = 1024     # paginated listings in progress (keyed by their next cursor)
+
+FetchFn = Callable[["ServerConfig", "Exchange | None"], Awaitable[list[dict[str, Any]]]]
+
+
+class _Listing:
+    """One paginated listing in progress on this replica."""
+
+    __slots__ = ("names", "prints", "version")
+
+    def __init__(self, version: int) -> None:
+        self.names: set[str] = set()
+        self.prints: dict[str, str] = {}
+        self.version = version
+
+
+class Pinning:
+    name = "pinning"
+
+    def __init__(self, config: "Config", store: Any, catalog: ToolCatalog, fetch: FetchFn) -> None:
+        self.store = store
+        self.catalog = catalog
+        self._configs = config.servers
+        self.signals = Signals()
+        self._fetch = fetch
+        pins_dir = config.pinning_dir or os.path.dirname(os.path.abspath(config.path))
+        self.servers: dict[str, ServerPins] = {
+            name: ServerPins(name, s.pinning, pins_dir, self.signals)
+            for name, s in config.servers.items() if s.pinning is not None and s.pinning.enabled
+        }
+        self._listings: dict[tuple[str, str], _Listing] = {}
+        self._index: NameIndex | None = None
+        self._index_key: tuple[Any, ...] = ()
+        self._index_gen = 0
+        self._verdicts: dict[tuple[str, str], tuple[Any, Any]] = {}   # (server, fp) -> (key, verdict)
+        self._refreshing: dict[str, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._replica = secrets.token_hex(4)   # to ignore our own stale notices
+        # Subscribed before the store starts: RedisStore subscribes the pub/sub
+        # connection to the channels it knows at start.
+        store.subscribe(CHANNEL, self._on_message)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        for st in self.servers.values():
+            st.check_lock(force=True)
+            if st.cfg.mode == "enforce" and st.lock is None:
+                log.error("pins.no_lock_file", server=st.name, path=st.lock_path,
+                          detail="mode enforce without a lock file: every tool is held; "
+                                 f"run `mcp-gateway pins fetch {st.name}`")
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    def reload(self) -> None:
+        """Re-read every lock file now (SIGHUP)."""
+        for st in self.servers.values():
+            st.check_lock(force=True)
+
+    async def _on_message(self, _channel: str, message: bytes) -> None:
+        what, _, rest = message.decode("utf-8", "replace").partition(":")
+        server, _, origin = rest.partition(":")
+        st = self.servers.get(server)
+        if st is None:
+            return
+        if what == "stale" and origin != self._replica:
+            self.catalog.mark_stale(server)
+            log.info("pins.stale_remote", server=server)
+        elif what == "reset":
+            st.forget_tofu()
+            self.catalog.mark_stale(server)
+
+    # -- requests ---------------------------------------------------------------
+
+    async def on_request(self, ex: "Exchange") -> None:
+        """Fires after authz; ``ex.method``/``ex.name``/``ex.message`` are set for POSTs."""
+        st = self.servers.get(ex.server.name)
+        if st is None:
+            return
+        method = ex.method
+        if method == "tools/list":
+            st.check_lock(force=True)
+            await self._ensure(st, ex)
+            params = ex.message.get("params") if isinstance(ex.message, dict) else None
+            cursor = params.get("cursor") if isinstance(params, dict) else None
+            ex.response_hooks.append(_ListHook(self, st, cursor if isinstance(cursor, str) else None))
+        elif method == "tools/call":
+            await self._check_call(st, ex)
+            ex.response_hooks.append(self._watch)
+        elif method == "subscriptions/listen" or (method is None and ex.request.method == "GET"):
+            ex.response_hooks.append(self._watch)
+
+    async def _ensure(self, st: ServerPins, ex: "Exchange | None") -> None:
+        try:
+            await st.ensure(self.store, lambda e: self._fetch_live(st, e), ex)
+        except StoreError as exc:
+            if st.holding:
+                raise Unavailable("tool pins are unavailable (store unreachable); failing closed",
+                                  reason="pins_unavailable") from exc
+            log.warning("pins.store_unavailable", server=st.name)
+        except GatewayError:
+            if st.holding:
+                raise
+            log.warning("pins.first_fetch_failed", server=st.name)
+
+    async def _fetch_live(self, st: ServerPins, ex: "Exchange | None") -> list[dict[str, Any]]:
+        try:
+            return await self._fetch(self._configs[st.name], ex)
+        except FetchError as exc:
+            err = {"upstream_timeout": UpstreamTimeout, "upstream_auth_refused": UpstreamAuthRefused,
+                   "upstream_unavailable": UpstreamUnavailable}.get(exc.reason, UpstreamInvalid)
+            raise err(f"could not read the upstream's tools to check them: {exc}") from exc
+
+    # -- tools/call -----------------------------------------------------------------
+
+    async def _check_call(self, st: ServerPins, ex: "Exchange") -> None:
+        server, tool = st.name, ex.name or ""
+        st.check_lock()
+        await self._ensure(st, ex)
+        cat = self.catalog.server(server)
+        if not cat.fresh(st.cfg.recheck_after):
+            await self._refresh(st, ex)
+        entry = cat.tools.get(tool)
+        if entry is not None and (entry.print is None or entry.version != st.version):
+            entry = self._reevaluate(st, entry)
+        if entry is not None and not entry.held:
+            if entry.kinds:
+                self.signals.call_warned(server, tool, entry.kinds)
+            return
+        kinds = entry.blocking if entry is not None else ("tool_unlisted",)
+        if not st.holding and (entry is None or not _blocking_findings(entry)):
+            self.signals.call_warned(server, tool, kinds)
+            return
+        self.signals.call_held(server, tool, kinds)
+        record(ex, {"tool": tool, "action": "held", "kinds": list(kinds)})
+        why = ("its definition is not the approved one" if entry is not None
+               else "it is not in the server's current tool list")
+        raise ToolHeld(f"Tool {tool!r} is held for review: {why}. An operator must approve it "
+                       f"(mcp-gateway pins diff/approve {server}).", data={"tool": tool, "kinds": list(kinds)})
+
+    async def _refresh(self, st: ServerPins, ex: "Exchange") -> None:
+        """Fetch and check the complete live list (one fetch per server at a time)."""
+        fut = self._refreshing.get(st.name)
+        if fut is None:
+            fut = self._refreshing[st.name] = asyncio.ensure_future(self._do_refresh(st, ex))
+            fut.add_done_callback(lambda _f, n=st.name: self._refreshing.pop(n, None))
+        try:
+            await asyncio.shield(fut)
+        except GatewayError:
+            if st.holding:
+                raise
+            log.warning("pins.refresh_failed", server=st.name)
+
+    async def _do_refresh(self, st: ServerPins, ex: "Exchange") -> None:
+        tools = await self._fetch_live(st, ex)
+        listing = _Listing(st.version)
+        self.inspect_page(st, None, tools, listing)
+        self._complete(st, None, listing)
+
+    def _reevaluate(self, st: ServerPins, entry: Entry) -> Entry:
+        fresh = self._evaluate(st, entry.definition, self._name_index())
+        self.catalog.server(st.name).tools[fresh.definition["name"]] = fresh
+        return fresh
+
+    # -- tools/list pages ------------------------------------------------------------
+
+    def inspect_page(self, st: ServerPins, ex: "Exchange | None", tools: list[Any],
+                     listing: _Listing) -> list[Any]:
+        """Check one page; returns the tools to relay.  Updates catalog and signals."""
+        kept: list[Any] = []
+        entries: dict[str, Entry] = {}
+        index = self._name_index()
+        for tool in tools:
+            if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+                continue   # malformed entries are dropped, never guessed at
+            entry = self._evaluate(st, tool, index)
+            name = tool["name"]
+            entries[name] = entry
+            listing.names.add(name)
+            listing.prints[name] = entry.print.fingerprint if entry.print else ""
+            if not entry.held:
+                kept.append(tool)
+            if entry.kinds or entry.findings:
+                self._signal(st, ex, name, entry)
+        self.catalog.upsert(st.name, entries)
+        return kept
+
+    def _evaluate(self, st: ServerPins, tool: dict[str, Any], index: NameIndex) -> Entry:
+        ins = st.inspector.inspect(tool)
+        key = (st.version, self._index_gen)
+        memo = self._verdicts.get((st.name, ins.print.fingerprint))
+        if memo is not None and memo[0] == key:
+            verdict = memo[1]
+        else:
+            verdict = evaluate(st.cfg, st.approved, ins, context_findings(st.cfg.rules, st.name, ins, index))
+            if len(self._verdicts) >= 16384:
+                self._verdicts.clear()
+            self._verdicts[(st.name, ins.print.fingerprint)] = (key, verdict)
+        findings = tuple(f for f in verdict.findings if st.cfg.action(f.severity) != "ignore")
+        return Entry(tool, ins.print, verdict.held, verdict.kinds, findings, verdict.blocking, st.version,
+                     verdict.renamed_from)
+
+    def _signal(self, st: ServerPins, ex: "Exchange | None", name: str, entry: Entry) -> None:
+        action = "blocked" if entry.held else "warned"
+        fp = entry.print.fingerprint if entry.print else ""
+        if entry.kinds:
+            approved = st.approved.tools.get(name) if st.approved is not None else None
+            self.signals.change(st.name, name, entry.kinds, "blocked" if st.holding else "warned",
+                                fingerprint=fp, approved=approved.fingerprint if approved else "",
+                                renamed_from=entry.renamed_from)
+        for f in entry.findings:
+            self.signals.finding(st.name, name, f, "blocked" if st.cfg.action(f.severity) == "block"
+                                 and f.rule in entry.blocking else "warned", fp)
+        if ex is not None:
+            record(ex, {"tool": name, "action": action, "kinds": list(entry.kinds),
+                        "rules": sorted({f.rule for f in entry.findings})})
+
+    def _complete(self, st: ServerPins, ex: "Exchange | None", listing: _Listing) -> None:
+        tool_set = set_fingerprint(listing.prints.items())
+        self.catalog.complete(st.name, listing.names, tool_set)
+        if listing.version != st.version:
+            return   # the approved set changed mid-listing: removals would be judged on the wrong set
+        gone = removed(st.approved, listing.names)
+        for name in gone:
+            self.signals.change(st.name, name, ("tool_removed",), "blocked" if st.holding else "warned",
+                                approved=st.approved.tools[name].fingerprint if st.approved else "")
+            if ex is not None:
+                record(ex, {"tool": name, "action": "removed", "kinds": ["tool_removed"]})
+        if ex is not None:
+            ex.audit["tool_set"] = tool_set
+            if st.approved is not None:
+                ex.audit["tool_set_approved"] = tool_set == st.approved.tool_set
+
+    def listing_for(self, st: ServerPins, cursor: str | None) -> _Listing | None:
+        """The listing a page belongs to (None: a continuation this replica did not start)."""
+        if cursor is None:
+            return _Listing(st.version)
+        return self._listings.pop((st.name, cursor), None)
+
+    def continue_listing(self, st: ServerPins, cursor: str, listing: _Listing) -> None:
+        if len(self._listings) >= MAX_OPEN_LISTINGS:
+            del self._listings[next(iter(self._listings))]
+        self._listings[(st.name, cursor)] = listing
+
+    def _name_index(self) -> NameIndex:
+        """Tool names of every mounted server (approved and live), for shadowing checks."""
+        key = tuple((s, st.version) for s, st in self.servers.items()) + self.catalog.generations()
+        if self._index is None or key != self._index_key:
+            self._index_gen += 1
+            names: dict[str, set[str]] = {s: set(n) for s, n in self.catalog.names().items()}
+            for s, st in self.servers.items():
+                if st.approved is not None:
+                    names.setdefault(s, set()).update(st.approved.tools)
+            self._index = NameIndex.build(names)
+            self._index_key = key
+        return self._index
+
+    # -- list_changed on any stream ----------------------------------------------------
+
+    def _watch(self, ex: "Exchange", message: dict[str, Any]) -> dict[str, Any]:
+        if message.get("method") == "notifications/tools/list_changed":
+            self.mark_stale(ex.server.name)
+        return message
+
+    def mark_stale(self, server: str) -> None:
+        self.catalog.mark_stale(server)
+        log.info("pins.list_changed", server=server)
+        task = asyncio.get_running_loop().create_task(self._publish(f"stale:{server}:{self._replica}".encode()))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, message: bytes) -> None:
+        try:
+            await self.store.publish(CHANNEL, message)
+        except StoreError:
+            log.warning("pins.publish_failed")
+
+
+class _ListHook:
+    """Response hook for one ``tools/list`` exchange (every message of the response)."""
+
+    __slots__ = ("stage", "st", "cursor")
+
+    def __init__(self, stage: Pinning, st: ServerPins, cursor: str | None) -> None:
+        self.stage = stage
+        self.st = st
+        self.cursor = cursor
+
+    def __call__(self, ex: "Exchange", message: dict[str, Any]) -> dict[str, Any] | None:
+        if "method" in message:   # a notification or server request on the SSE stream
+            return self.stage._watch(ex, message)
+        result = message.get("result")
+        if not isinstance(result, dict) or "tools" not in result:
+            return message
+        tools = result["tools"]
+        if not isinstance(tools, list):
+            result["tools"] = []
+            return message
+        stage, st = self.stage, self.st
+        listing = stage.listing_for(st, self.cursor)
+        partial = listing is None
+        if listing is None:
+            listing = _Listing(st.version)
+        kept = stage.inspect_page(st, ex, tools, listing)
+        if len(kept) != len(tools):
+            result["tools"] = kept
+        next_cursor = result.get("nextCursor")
+        if isinstance(next_cursor, str):
+            if not partial:
+                stage.continue_listing(st, next_cursor, listing)
+        elif not partial:
+            stage._complete(st, ex, listing)
+        return message
+
+
+def _blocking_findings(entry: Entry) -> bool:
+    return any(f.rule in entry.blocking for f in entry.findings)
+
+
+def make_pinning(config: "Config", gw: Any) -> Pinning | None:
+    """Build the stage for ``app.py`` (None when no server pins its tools).
+
+    Side fetches use ``gw.upstream_call`` when the gateway offers one, else a
+    plain JSON-RPC client over the server's connection pool with its
+    configured upstream credentials.
+    """
+    if not any(s.pinning is not None and s.pinning.enabled for s in config.servers.values()):
+        return None
+    catalog = getattr(gw, "catalog", None)
+    if catalog is None:
+        catalog = ToolCatalog()
+        gw.catalog = catalog
+    eras: dict[str, str] = {}
+
+    async def fetch(server: "ServerConfig", ex: "Exchange | None") -> list[dict[str, Any]]:
+        http = gw.upstreams.clients[server.name]
+        provider = getattr(gw, "credentials", {}).get(server.name)
+        headers = dict(await provider.headers(ex)) if provider is not None and ex is not None else {}
+        tools, era = await fetch_tools(http, server.url, headers, timeout=min(server.read_timeout, 30.0),
+                                       era=eras.get(server.name))
+        eras[server.name] = era
+        return tools
+
+    return Pinning(config, gw.store, catalog, fetch)
