@@ -33,6 +33,8 @@ def problems_for(tmp_path: Path, text: str, servers: tuple[str, ...] = ("s", "t"
      "            p: {pattern: '(('}\n", 8, "invalid JSON Schema"),
     ("servers:\n  s:\n    tools:\n      - id: a\n        match: x\n        arguments: {$ref: 'http://x/s.json'}\n", 6,
      "only local references"),
+    ("servers:\n  s:\n    tools:\n      - id: a\n        match: x\n        arguments: {properties: {1: {}}}\n", 6,
+     "JSON Schema keys are strings"),
     ("servers:\n  s:\n    tools:\n      - {id: a, match: x}\n      - {id: a, match: y}\n", 5, "duplicate rule id 'a'"),
     ("servers:\n  s:\n    tools:\n      - {match: x}\n", 4, "id is required"),
     ("servers:\n  s:\n    tools:\n      - {id: a}\n", 4, "match is required"),

@@ -14,7 +14,10 @@ One file looks like::
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any, Iterable
+
+import orjson
 
 from jsonschema import exceptions as js_exc
 from jsonschema.validators import Draft202012Validator, validator_for
@@ -122,12 +125,11 @@ def _rule(r: Reader, server: str, kind: str, order: int) -> Rule | None:
     schema, validator = (None, None)
     if kind in (TOOLS, PROMPTS):
         schema, validator = _arguments(r, "arguments")
-    check = None
-    if validator is not None:
-        check = compile_check(schema) or validator.is_valid
     elif r.has("arguments"):
         r.raw("arguments")
         r.error("arguments", f"arguments constraints apply to tools and prompts, not {kind}")
+    # The fast check answers yes/no for the common subset; jsonschema otherwise (and for messages).
+    check = (compile_check(schema) or validator.is_valid) if validator is not None else None
     destructive = None
     if kind == TOOLS:
         r.seen.add("destructive")
@@ -275,6 +277,10 @@ def _arguments(r: Reader, key: str) -> tuple[Any, Any]:
         r.error(key, f"{r.path}.{key} must be a JSON Schema (a mapping), not {type_name(node)}")
         return None, None
     schema = plain(node)
+    for parent, k, _ in _walk(node):
+        if not isinstance(k, str):
+            r.problems.append(Problem(parent.at(k), f"JSON Schema keys are strings: quote {k!r}"))
+            return None, None
     for where, ref in _refs(node):
         if not ref.startswith("#"):
             r.problems.append(Problem(where, f"$ref {ref!r}: only local references ('#/...') are "
@@ -282,10 +288,12 @@ def _arguments(r: Reader, key: str) -> tuple[Any, Any]:
             return None, None
     cls = validator_for(schema, default=Draft202012Validator) if isinstance(schema, dict) else Draft202012Validator
     try:
-        cls.check_schema(schema)
-    except js_exc.SchemaError as exc:
-        r.problems.append(Problem(_loc_in(node, exc.absolute_path) or r.at(key),
-                                  f"invalid JSON Schema: {exc.message}"))
+        error = _schema_error(cls, orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
+    except TypeError:   # not JSON (e.g. a YAML date): let jsonschema say what is wrong
+        error = _schema_error.__wrapped__(cls, None, schema)
+    if error is not None:
+        path, message = error
+        r.problems.append(Problem(_loc_in(node, path) or r.at(key), f"invalid JSON Schema: {message}"))
         return None, None
     validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
     try:  # compile every pattern now so a bad regex is a load error, not a request-time one
@@ -295,6 +303,16 @@ def _arguments(r: Reader, key: str) -> tuple[Any, Any]:
         r.problems.append(Problem(where, f"invalid JSON Schema: pattern {pattern!r}: {exc}"))
         return None, None
     return schema, validator
+
+
+@lru_cache(maxsize=1024)
+def _schema_error(cls: Any, canonical: bytes | None, schema: Any = None) -> tuple[tuple[Any, ...], str] | None:
+    """Metaschema check (~10 ms each), memoised: a reload re-checks only schemas that changed."""
+    try:
+        cls.check_schema(orjson.loads(canonical) if canonical is not None else schema)
+    except js_exc.SchemaError as exc:
+        return tuple(exc.absolute_path), exc.message
+    return None
 
 
 def _walk(node: Any):
