@@ -153,3 +153,25 @@ async def test_a_request_keeps_the_policy_set_it_started_with(stage: Authz, tmp_
     later = exchange(READER, "tools/list", {})
     await stage.on_request(later)
     assert later.response_hooks[0](later, page("read_file"))["result"]["tools"] == []
+
+
+async def test_an_unknown_tool_is_looked_up_only_when_its_annotations_matter(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("servers:\n  s:\n    tools:\n"
+                                     "      - {id: read, match: '*_file', scopes: [read]}\n"
+                                     "      - {id: anything, match: 'x_*', destructive: allow}\n")
+    ps, _ = load_policies(str(tmp_path), ["s"])
+    calls: list[str] = []
+
+    async def refresh(ex: Exchange) -> None:     # what a side tools/list would teach the catalog
+        calls.append(ex.name or "")
+        stage.catalog.update("s", [{"name": "read_file", "annotations": {"readOnlyHint": True}}])
+
+    stage = Authz(PolicyHolder(ps), refresh=refresh)
+    for name, expected in (("x_tool", "passed"), ("read_file", "passed"), ("read_file", "passed"),
+                           ("gone_file", "denied: Unknown tool: gone_file")):
+        ex = exchange(READER, "tools/call", {"name": name})
+        ex.name = name
+        assert await outcome(stage, ex) == expected
+    # x_tool: destructive or not, the same answer; read_file: known after one lookup;
+    # gone_file: looked up, still unknown, so destructive (denied by the server's default).
+    assert calls == ["read_file", "gone_file"]

@@ -20,11 +20,11 @@ rules under a request in flight.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import structlog
 
-from ..errors import InsufficientScope, PolicyDenied
+from ..errors import GatewayError, InsufficientScope, PolicyDenied
 from ..inspect.catalog import ToolCatalog
 from ..policy.decide import ALLOWED, ANY, STEP_UP, UNKNOWN, Decision, decide, decide_template
 from ..policy.load import load_policies_strict
@@ -78,10 +78,15 @@ class Authz:
     name = "authz"
 
     def __init__(self, policies: PolicyHolder, catalog: ToolCatalog | None = None,
-                 watcher: PolicyWatcher | None = None) -> None:
+                 watcher: PolicyWatcher | None = None,
+                 refresh: Callable[["Exchange"], Awaitable[None]] | None = None) -> None:
+        """``refresh(ex)``, when given, fills ``catalog`` with the server's live tools (e.g. a
+        side ``tools/list``); it is awaited only for a tool the catalog does not know *and*
+        whose annotations would change the decision (a replica that has not relayed a list yet)."""
         self.policies = policies
         self.catalog = catalog if catalog is not None else ToolCatalog()
         self.watcher = watcher
+        self.refresh = refresh
 
     async def start(self) -> None:
         if self.watcher is not None:
@@ -107,6 +112,12 @@ class Authz:
         annotations = UNKNOWN
         if kind == TOOLS:
             tool = self.catalog.get(ex.server.name, name)
+            if tool is None and self.refresh is not None and _annotations_matter(policies, ex, name, arguments):
+                try:
+                    await self.refresh(ex)
+                except GatewayError:
+                    log.warning("policy.catalog_refresh_failed", server=ex.server.name)   # stays unknown
+                tool = self.catalog.get(ex.server.name, name)
             annotations = (tool.get("annotations") or {}) if tool is not None else UNKNOWN
         d = decide(policies, ex.server.name, kind, name, ex.principal, arguments, annotations)
         self._record(ex, d, policies)
@@ -128,6 +139,16 @@ class Authz:
         if d.scopes:
             ex.audit["required_scopes"] = list(d.scopes)
         BOUND.get(POLICY_DECISIONS, ex.server.name, d.effect, d.reason).inc()
+
+
+def _annotations_matter(policies: PolicySet, ex: "Exchange", name: str, arguments: Any) -> bool:
+    """Would this call be decided differently if the tool were known to be read-only?"""
+    unknown = decide(policies, ex.server.name, TOOLS, name, ex.principal, arguments, UNKNOWN)
+    safe = decide(policies, ex.server.name, TOOLS, name, ex.principal, arguments, _READ_ONLY)
+    return (unknown.effect, unknown.scopes) != (safe.effect, safe.scopes)
+
+
+_READ_ONLY = {"readOnlyHint": True}
 
 
 class ListFilter:
@@ -194,5 +215,5 @@ def make_authz(config: "Config", gw: Any) -> Authz:
     holder = PolicyHolder(initial)
     log.info("policy.loaded", rules=initial.rule_count, files=len(initial.files), digest=initial.digest[:12])
     watcher = PolicyWatcher(holder, config.policies_path, config.servers)
-    return Authz(holder, catalog, watcher)
+    return Authz(holder, catalog, watcher, refresh=getattr(gw, "refresh_tools", None))
 
