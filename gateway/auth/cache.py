@@ -30,7 +30,7 @@ class Verified:
     principal: Principal
     audiences: frozenset[str]
     issuer: str
-    expires: float              # epoch seconds after which the entry is dead (exp + leeway)
+    expires: float              # epoch seconds after which the entry is dead (the token's exp at most)
     refusal: str | None = None  # a cached *negative* answer (introspection said inactive)
 
 
@@ -60,7 +60,7 @@ class TokenCache(Generic[V]):
         return item[1]
 
     def put(self, token: str, value: V, expires: float) -> None:
-        if self._max <= 0:
+        if self._max <= 0 or expires <= time.time():
             return
         data = self._data
         data[token] = (expires, value)

@@ -110,7 +110,7 @@ def parse_auth(r: Reader, ctx: dict[str, Any], listen: Any) -> AuthConfig:
     sub = r.mapping("auth")
     mode = sub.str("mode", "oauth", choices=("none", "oauth"))
     allow_public = sub.bool("allow_none_on_public_listener", False)
-    issuers = tuple(_issuers(sub))
+    issuers = tuple(_issuers(sub, ctx))
     max_token = sub.size("max_token_bytes", 8000)
     cache_size = sub.int("cache_size", 10_000, min=0, max=10_000_000)
     timeout = sub.duration("fetch_timeout", 5.0, min=0.01)
@@ -129,13 +129,13 @@ def parse_auth(r: Reader, ctx: dict[str, Any], listen: Any) -> AuthConfig:
     return cfg
 
 
-def _issuers(sub: Reader) -> list[IssuerConfig]:
+def _issuers(sub: Reader, ctx: dict[str, Any]) -> list[IssuerConfig]:
     items = sub.list("issuers")
     out: list[IssuerConfig] = []
     seen: set[str] = set()
     for i, node in enumerate(items):
         r = Reader(node, sub.problems, f"auth.issuers[{i}]", items.at(i))
-        cfg = _issuer(r)
+        cfg = _issuer(r, ctx)
         r.done()
         if cfg is None:
             continue
@@ -146,7 +146,7 @@ def _issuers(sub: Reader) -> list[IssuerConfig]:
     return out
 
 
-def _issuer(r: Reader) -> IssuerConfig | None:
+def _issuer(r: Reader, ctx: dict[str, Any]) -> IssuerConfig | None:
     issuer = r.str("issuer", required=True)
     if issuer and (why := url_problem(issuer, allow_path=True)):
         r.error("issuer", f"{r.path}.issuer: {why}")
@@ -181,7 +181,7 @@ def _issuer(r: Reader) -> IssuerConfig | None:
         r.error("leeway", f"{r.path}.leeway must be at most 5m (it stretches every token's lifetime)")
     refresh = r.duration("jwks_refresh", 300.0, min=1.0)
     cooldown = r.duration("jwks_cooldown", 5.0)
-    introspection = _introspection(r)
+    introspection = _introspection(r, ctx)
     if not issuer:
         return None
     required = tuple(dict.fromkeys(ALWAYS_REQUIRED + (subject_claim,) + extra_required))
@@ -196,7 +196,7 @@ def _issuer(r: Reader) -> IssuerConfig | None:
     )
 
 
-def _introspection(r: Reader) -> IntrospectionConfig | None:
+def _introspection(r: Reader, ctx: dict[str, Any]) -> IntrospectionConfig | None:
     if not r.has("introspection"):
         r.seen.add("introspection")
         return None
@@ -215,6 +215,9 @@ def _introspection(r: Reader) -> IntrospectionConfig | None:
         require_audience=sub.bool("require_audience", True),
     )
     sub.done()
+    secret = cfg.client_secret
+    if secret is not None and ctx.get("check_secrets") and (why := secret.check()):
+        sub.error("client_secret", f"{sub.path}.client_secret ({secret}): {why}")
     return cfg
 
 

@@ -12,8 +12,9 @@ import time
 from typing import Any
 
 import aiohttp
-import aiohttp.helpers
 import structlog
+
+from ..config.secrets import SecretUnavailable
 
 from ..telemetry.metrics import AUTH_INTROSPECTIONS, BOUND
 from .cache import ANY_AUDIENCE, Verified
@@ -37,6 +38,11 @@ class Introspector:
 
     def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
+        if self.icfg.client_secret is not None:
+            try:
+                self._secret = self.icfg.client_secret.resolve()
+            except SecretUnavailable as exc:     # checked at load; gone since: answer 503, say why
+                log.error("auth.introspection_secret_unavailable", issuer=self.cfg.issuer, detail=str(exc))
 
     def _endpoint(self) -> str:
         if self.icfg.endpoint:
@@ -57,7 +63,7 @@ class Introspector:
             except FetchError:
                 pass
         if self._secret is None and self.icfg.client_secret is not None:
-            self._secret = self.icfg.client_secret.resolve()
+            raise AuthFailure("issuer_unavailable", "introspection client secret unavailable", status=503)
         data = {"token": token, "token_type_hint": "access_token"}
         headers: dict[str, str] = {}
         if self.icfg.auth_method == "client_secret_basic":
@@ -114,5 +120,5 @@ class Introspector:
             return refuse(exc.reason)
         until = now + icfg.cache_ttl
         if exp_f is not None:
-            until = min(until, exp_f + cfg.leeway)
+            until = min(until, exp_f)
         return Verified(principal, audiences, cfg.issuer, until)

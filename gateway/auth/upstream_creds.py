@@ -23,6 +23,7 @@ from urllib.parse import quote
 import aiohttp
 import structlog
 
+from ..config.secrets import SecretUnavailable
 from ..errors import Forbidden, UpstreamAuthRefused, UpstreamUnavailable
 from ..telemetry.metrics import BOUND, UPSTREAM_CREDENTIALS
 from .cache import TokenCache
@@ -95,11 +96,17 @@ class _TokenEndpoint:
     def start(self, session: aiohttp.ClientSession) -> None:
         self.session = session
         if self.client.client_secret is not None:
-            self._secret = self.client.client_secret.resolve()
+            try:
+                self._secret = self.client.client_secret.resolve()
+            except SecretUnavailable as exc:    # checked at load; gone since: 502 per request, logged
+                log.error("auth.upstream_secret_unavailable", server=self.server, detail=str(exc))
 
     async def request(self, form: dict[str, str]) -> dict[str, Any]:
         """POST the grant; returns the token answer, raises a GatewayError when there is none."""
         assert self.session is not None
+        if self._secret is None and self.client.auth_method != "none":
+            raise UpstreamUnavailable("the gateway's client secret for this upstream is unavailable",
+                                      reason="upstream_credentials_unavailable")
         form = dict(form)
         headers: dict[str, str] = {}
         c = self.client
@@ -235,6 +242,7 @@ class TokenExchange:
         if task is None:
             task = self._inflight[token] = asyncio.create_task(self._fetch(token))
             task.add_done_callback(lambda _t, k=token: self._inflight.pop(k, None))
+            task.add_done_callback(_consume)
         value, expires = await asyncio.shield(task)
         caller_exp = ex.principal.expires_at
         self._cache.put(token, value, min(expires, caller_exp) if caller_exp else expires)

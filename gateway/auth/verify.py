@@ -205,4 +205,5 @@ class JwtVerifier:
         if not audiences:
             raise AuthFailure("token_missing_claim", "claim 'aud' is missing or empty")
         principal = principal_from_claims(cfg, claims, exp)
-        return Verified(principal, audiences, cfg.issuer, exp + leeway)
+        # Cached until exp itself (the leeway only excuses clock skew on a fresh check).
+        return Verified(principal, audiences, cfg.issuer, exp)
