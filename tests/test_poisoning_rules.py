@@ -64,9 +64,10 @@ def test_triggers_never_hide_a_match_of_the_pattern(rule: object) -> None:
     """The prefilter contract, checked on every corpus text: near-trigger search == full search."""
     for tool in TOOLS:
         text = RULES.scan(tool).text
-        plan = RULES._plan(text)
+        lowered = text.lower()
+        plan = RULES._plan(text, lowered)
         index = RULES.rules.index(rule)
-        windowed = rule.search(text, plan[index]) if index in plan else None
+        windowed = rule.search(text, lowered, plan[index]) if index in plan else None
         assert bool(windowed) == bool(rule.regex.search(text)), (rule.id, tool["name"])
 
 

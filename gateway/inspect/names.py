@@ -79,18 +79,17 @@ class NameIndex:
 
     by_server: Mapping[str, frozenset[str]] = field(default_factory=dict)
     by_skeleton: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
-    # One alternation per server of the other servers' distinctive names.
-    _mentions: dict[str, re.Pattern[str] | None] = field(default_factory=dict)
-    min_mention: int = 6
+    # One alternation per (server, minimum length) of the other servers' distinctive names.
+    _mentions: dict[tuple[str, int], re.Pattern[str] | None] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, by_server: Mapping[str, Iterable[str]], min_mention: int = 6) -> "NameIndex":
+    def build(cls, by_server: Mapping[str, Iterable[str]]) -> "NameIndex":
         frozen = {s: frozenset(n for n in names if n) for s, names in by_server.items()}
         skel: dict[str, list[tuple[str, str]]] = {}
         for server, names in frozen.items():
             for name in names:
                 skel.setdefault(skeleton(name), []).append((server, name))
-        return cls(frozen, {k: tuple(v) for k, v in skel.items()}, {}, min_mention)
+        return cls(frozen, {k: tuple(v) for k, v in skel.items()}, {})
 
     def collisions(self, server: str, name: str) -> list[tuple[str, str, bool]]:
         """Tools elsewhere (other servers, or other names on this one) that look like ``name``.
@@ -104,15 +103,16 @@ class NameIndex:
             out.append((other_server, other, other == name))
         return out
 
-    def mentions(self, server: str, text: str) -> list[tuple[str, str]]:
+    def mentions(self, server: str, text: str, min_length: int = 6) -> list[tuple[str, str]]:
         """Names of *other* servers' tools that ``text`` mentions, as ``(server, name)``."""
-        if server not in self._mentions:
+        key = (server, min_length)
+        if key not in self._mentions:
             names = {n: s for s, ns in self.by_server.items() if s != server for n in ns
-                     if len(n) >= self.min_mention and _distinctive(n)}
-            self._mentions[server] = (
+                     if len(n) >= min_length and _distinctive(n)}
+            self._mentions[key] = (
                 re.compile(r"(?<![\w-])(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True))
                            + r")(?![\w-])") if names else None)
-        pattern = self._mentions[server]
+        pattern = self._mentions[key]
         if pattern is None:
             return []
         own = self.by_server.get(server, frozenset())

@@ -62,6 +62,7 @@ class ServerPins:
         self._lock_stat: tuple[int, int] | None = None
         self._lock_checked = 0.0
         self._pinning: asyncio.Future[None] | None = None
+        self.pages: dict[bytes, Any] = {}     # page memo of the pinning stage (exact page -> judgement)
 
     @property
     def approved(self) -> Approved | None:

@@ -83,9 +83,18 @@ def changes(approved: dict[str, Any], live: dict[str, Any]) -> tuple[str, ...]:
     found = set()
     for key in approved.keys() | live.keys():
         a, b = approved.get(key, _MISSING), live.get(key, _MISSING)
-        if a is _MISSING or b is _MISSING or canonical_json(a) != canonical_json(b):
+        if a is _MISSING or b is _MISSING or (_quick(a) != _quick(b) and canonical_json(a) != canonical_json(b)):
             found.add(_FIELD_KIND.get(key, "definition_changed"))
     return tuple(k for k in KINDS if k in found)
+
+
+def _quick(value: Any) -> bytes:
+    """Sorted-key JSON: equal bytes mean equal values; unequal ones are confirmed with RFC 8785
+    (which also equates 1 and 1.0)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return canonical_json(value)
 
 
 @dataclass(frozen=True, slots=True)

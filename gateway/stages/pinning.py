@@ -27,6 +27,7 @@ import os
 import secrets
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+import orjson
 import structlog
 
 from ..errors import (
@@ -49,8 +50,24 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway.pinning")
 CHANNEL = "pinning"          # store pub/sub: b"stale:<server>:<replica>" and b"reset:<server>"
 MAX_OPEN_LISTINGS = 1024     # paginated listings in progress (keyed by their next cursor)
+PAGE_MEMO = 64               # judged pages remembered per server (tool sets change rarely)
 
 FetchFn = Callable[["ServerConfig", "Exchange | None"], Awaitable[list[dict[str, Any]]]]
+
+
+class _Page:
+    """The judgement of one exact page of tools (see ``Pinning.inspect_page``)."""
+
+    __slots__ = ("version", "index_gen", "entries", "entries_by_position", "prints", "kept", "flagged")
+
+    def __init__(self, version: int, index_gen: int) -> None:
+        self.version = version
+        self.index_gen = index_gen
+        self.entries: dict[str, Entry] = {}
+        self.entries_by_position: list[tuple[int, Entry]] = []
+        self.prints: dict[str, str] = {}
+        self.kept: list[int] = []
+        self.flagged: list[tuple[str, Entry]] = []
 
 
 class _Listing:
@@ -83,9 +100,11 @@ class Pinning:
         self._index_key: tuple[Any, ...] = ()
         self._index_gen = 0
         self._verdicts: dict[tuple[str, str], tuple[Any, Any]] = {}   # (server, fp) -> (key, verdict)
+        self._sets: dict[tuple[tuple[str, str], ...], str] = {}       # listing prints -> set fingerprint
         self._refreshing: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._replica = secrets.token_hex(4)   # to ignore our own stale notices
+        self._watch = _Watch(self)
         # Subscribed before the store starts: RedisStore subscribes the pub/sub
         # connection to the channels it knows at start.
         store.subscribe(CHANNEL, self._on_message)
@@ -218,24 +237,51 @@ class Pinning:
 
     def inspect_page(self, st: ServerPins, ex: "Exchange | None", tools: list[Any],
                      listing: _Listing) -> list[Any]:
-        """Check one page; returns the tools to relay.  Updates catalog and signals."""
-        kept: list[Any] = []
-        entries: dict[str, Entry] = {}
+        """Check one page; returns the tools to relay.  Updates catalog and signals.
+
+        A page identical (byte for byte) to one already judged against the same
+        approved set and name index reuses that judgement: every listing after
+        the first costs one ``orjson.dumps`` of the page, not 50 lookups.
+        """
         index = self._name_index()
-        for tool in tools:
+        try:
+            key: bytes | None = orjson.dumps(tools)
+        except TypeError:
+            key = None
+        memo = st.pages.get(key) if key is not None else None
+        if memo is None or memo.version != st.version or memo.index_gen != self._index_gen:
+            memo = self._judge_page(st, tools, index)
+            if key is not None:
+                if len(st.pages) >= PAGE_MEMO:
+                    del st.pages[next(iter(st.pages))]
+                st.pages[key] = memo
+        else:
+            for i, entry in memo.entries_by_position:
+                entry.definition = tools[i]   # the catalog points at the message being relayed
+        listing.names.update(memo.prints)
+        listing.prints.update(memo.prints)
+        self.catalog.upsert(st.name, memo.entries)
+        for name, entry in memo.flagged:
+            self._signal(st, ex, name, entry)
+        if len(memo.kept) == len(tools):
+            return tools
+        return [tools[i] for i in memo.kept]
+
+    def _judge_page(self, st: ServerPins, tools: list[Any], index: NameIndex) -> "_Page":
+        page = _Page(st.version, self._index_gen)
+        for i, tool in enumerate(tools):
             if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
                 continue   # malformed entries are dropped, never guessed at
             entry = self._evaluate(st, tool, index)
             name = tool["name"]
-            entries[name] = entry
-            listing.names.add(name)
-            listing.prints[name] = entry.print.fingerprint if entry.print else ""
+            page.entries[name] = entry
+            page.entries_by_position.append((i, entry))
+            page.prints[name] = entry.print.fingerprint if entry.print else ""
             if not entry.held:
-                kept.append(tool)
+                page.kept.append(i)
             if entry.kinds or entry.findings:
-                self._signal(st, ex, name, entry)
-        self.catalog.upsert(st.name, entries)
-        return kept
+                page.flagged.append((name, entry))
+        return page
 
     def _evaluate(self, st: ServerPins, tool: dict[str, Any], index: NameIndex) -> Entry:
         ins = st.inspector.inspect(tool)
@@ -268,7 +314,12 @@ class Pinning:
                         "rules": sorted({f.rule for f in entry.findings})})
 
     def _complete(self, st: ServerPins, ex: "Exchange | None", listing: _Listing) -> None:
-        tool_set = set_fingerprint(listing.prints.items())
+        prints = tuple(sorted(listing.prints.items()))
+        tool_set = self._sets.get(prints)
+        if tool_set is None:
+            if len(self._sets) >= PAGE_MEMO:
+                self._sets.clear()
+            tool_set = self._sets[prints] = set_fingerprint(prints)
         self.catalog.complete(st.name, listing.names, tool_set)
         if listing.version != st.version:
             return   # the approved set changed mid-listing: removals would be judged on the wrong set
@@ -309,11 +360,6 @@ class Pinning:
 
     # -- list_changed on any stream ----------------------------------------------------
 
-    def _watch(self, ex: "Exchange", message: dict[str, Any]) -> dict[str, Any]:
-        if message.get("method") == "notifications/tools/list_changed":
-            self.mark_stale(ex.server.name)
-        return message
-
     def mark_stale(self, server: str) -> None:
         self.catalog.mark_stale(server)
         log.info("pins.list_changed", server=server)
@@ -326,6 +372,25 @@ class Pinning:
             await self.store.publish(CHANNEL, message)
         except StoreError:
             log.warning("pins.publish_failed")
+
+
+class _Watch:
+    """Response hook for any stream of a pinned server: notices ``notifications/tools/list_changed``.
+
+    ``sse_only``: a JSON body is one response, never a notification, so the
+    forwarder need not parse it for this hook.
+    """
+
+    __slots__ = ("stage",)
+    sse_only = True
+
+    def __init__(self, stage: "Pinning") -> None:
+        self.stage = stage
+
+    def __call__(self, ex: "Exchange", message: dict[str, Any]) -> dict[str, Any]:
+        if message.get("method") == "notifications/tools/list_changed":
+            self.stage.mark_stale(ex.server.name)
+        return message
 
 
 class _ListHook:
