@@ -11,7 +11,9 @@ Measures, in one process, against a real RS256 key whose JWKS is served on loopb
 - ``authn stage, warm``: ``Authn.on_request`` for a token already in the verified-token
   cache (Authorization header read, cache hit, per-mount audience/issuer check) - what
   every other request pays;
-- ``cache get``: the LRU lookup alone.
+- ``cache get (hit)``: the LRU lookup alone.
+
+Each figure is the best of five rounds (CPU time, so a shared box disturbs it less).
 """
 from __future__ import annotations
 
@@ -44,22 +46,31 @@ def _config(issuer: str, jwks_uri: str) -> Config:
                   servers={"bench": server})
 
 
+ROUNDS = 5   # best of: on a shared box the minimum is the least disturbed figure
+
+
 async def _time_async(fn: Callable[[], Awaitable[Any]], n: int) -> float:
     for _ in range(min(n // 10, 1000)):
         await fn()
-    start = time.process_time()
-    for _ in range(n):
-        await fn()
-    return (time.process_time() - start) / n * 1e6
+    best = float("inf")
+    for _ in range(ROUNDS):
+        start = time.process_time()
+        for _ in range(n // ROUNDS):
+            await fn()
+        best = min(best, (time.process_time() - start) / (n // ROUNDS) * 1e6)
+    return best
 
 
 def _time_sync(fn: Callable[[], Any], n: int) -> float:
     for _ in range(min(n // 10, 1000)):
         fn()
-    start = time.process_time()
-    for _ in range(n):
-        fn()
-    return (time.process_time() - start) / n * 1e6
+    best = float("inf")
+    for _ in range(ROUNDS):
+        start = time.process_time()
+        for _ in range(n // ROUNDS):
+            fn()
+        best = min(best, (time.process_time() - start) / (n // ROUNDS) * 1e6)
+    return best
 
 
 async def main(n: int) -> dict[str, float]:
@@ -86,8 +97,9 @@ async def main(n: int) -> dict[str, float]:
         await warm()
         exchange_cost = _time_sync(lambda: Exchange(request, server), n)
         results["authn stage, warm cache (minus Exchange())"] = await _time_async(warm, n) - exchange_cost
-        cache = authn._cache
-        results["cache get"] = _time_sync(lambda: cache.get(token), n)
+        cache, key = authn._cache, f"Bearer {token}"
+        assert cache.get(key) is not None
+        results["cache get (hit)"] = _time_sync(lambda: cache.get(key), n)
         return results
     finally:
         await authn.close()

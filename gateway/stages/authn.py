@@ -109,16 +109,11 @@ class Authn:
                 raise mount.no_token()
             raise self._refuse(ex, "duplicate_authorization", "two Authorization headers", status=400)
         value = values[0]
-        if value[:7] not in ("Bearer ", "bearer ") and value[:7].lower() != "bearer ":
-            raise self._refuse(ex, "auth_scheme_not_bearer", "Authorization is not a Bearer token", error=None)
-        token = value[7:].strip()
-        if not token:
-            raise mount.no_token()
-        if len(token) > self._max:
-            raise self._refuse(ex, "token_too_large", f"token longer than {self._max} bytes")
-        verified = self._cache.get(token)
+        # Hot path: the whole header value is the cache key, so a hit costs no parsing at all;
+        # only values that passed every check below were ever stored.
+        verified = self._cache.get(value)
         if verified is None:
-            verified = await self._verify(ex, mount, token)
+            verified = await self._verify(ex, mount, value)
         if verified.refusal is not None:
             raise self._refuse(ex, verified.refusal, "refused by introspection (cached answer)")
         if verified.issuer not in mount.trusted:
@@ -127,10 +122,17 @@ class Authn:
         if mount.resource not in audiences and ANY_AUDIENCE not in audiences:
             raise self._refuse(ex, "token_wrong_audience", "aud does not contain this mount's resource URL")
         ex.principal = verified.principal
-        ex.token = token
+        ex.token = value[7:].strip()
 
-    async def _verify(self, ex: Exchange, mount: _Mount, token: str) -> Verified:
-        """Cold path: full verification (or introspection), then cache the result."""
+    async def _verify(self, ex: Exchange, mount: _Mount, value: str) -> Verified:
+        """Cold path: parse the header, verify (or introspect) the token, cache the result."""
+        if value[:7].lower() != "bearer ":
+            raise self._refuse(ex, "auth_scheme_not_bearer", "Authorization is not a Bearer token", error=None)
+        token = value[7:].strip()
+        if not token:
+            raise mount.no_token()
+        if len(token) > self._max:
+            raise self._refuse(ex, "token_too_large", f"token longer than {self._max} bytes")
         issuer = "unknown"
         try:
             if looks_like_jwt(token) or mount.introspector is None:
@@ -142,7 +144,7 @@ class Authn:
             BOUND.get(AUTH_VERIFICATIONS, issuer, exc.reason).inc()
             raise self._refuse(ex, exc.reason, exc.detail, status=exc.status) from None
         BOUND.get(AUTH_VERIFICATIONS, issuer, verified.refusal or "ok").inc()
-        self._cache.put(token, verified, verified.expires)
+        self._cache.put(value, verified, verified.expires)
         return verified
 
     def _refuse(self, ex: Exchange, reason: str, detail: str, *, status: int = 401,
