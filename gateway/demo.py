@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import shlex
@@ -199,6 +200,10 @@ def run_demo(args: Any = None) -> int:
         parser.add_argument("--port", type=int, default=8080)
         parser.add_argument("--admin-port", type=int, default=9464)
         args = parser.parse_args(list(args or []))
+    if importlib.util.find_spec("mcp") is None or importlib.util.find_spec("uvicorn") is None:
+        print("mcp-gateway demo runs a demo MCP server written with the mcp SDK, which is not installed:\n"
+              "  pip install 'mcp>=2.3,<3'   (or: make demo, which sets everything up)", file=sys.stderr)
+        return 2
     workdir = Path(tempfile.mkdtemp(prefix="mcpgw-demo-"))
     try:
         return asyncio.run(_demo(getattr(args, "port", 8080), getattr(args, "admin_port", 9464), workdir))
