@@ -191,6 +191,17 @@ async def serve(config: Config, *, reuse_port: bool = False, ready: asyncio.Even
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+
+    def reload_files() -> None:
+        """SIGHUP: every stage with a reload() re-reads its files now (policies, pin lock files)."""
+        for stage in gw.stages:
+            if hasattr(stage, "reload"):
+                stage.reload()
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload_files)
+    except (NotImplementedError, RuntimeError):
+        pass
     try:
         site = web.TCPSite(public, config.listen.host, config.listen.port, reuse_port=reuse_port)
         await site.start()

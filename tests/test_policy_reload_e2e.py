@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,3 +144,11 @@ async def test_a_call_in_flight_finishes_under_the_policy_it_started_with(rig) -
         result = await asyncio.wait_for(running, 20)
         assert not result.is_error
 
+
+
+async def test_sighup_reloads_the_policies_at_once(rig) -> None:
+    gw, _up, _policy_file = rig
+    mark = len(gw.log_lines())
+    os.kill(gw.proc.pid, signal.SIGHUP)
+    entry = await asyncio.to_thread(gw.wait_for_log, {"event": "policy.reloaded"}, start=mark)
+    assert entry["generation"] == 2

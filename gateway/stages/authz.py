@@ -90,11 +90,16 @@ class Authz:
 
     async def start(self) -> None:
         if self.watcher is not None:
-            await self.watcher.start()
+            await self.watcher.start(sighup=False)   # app.py routes SIGHUP to reload()
 
     async def close(self) -> None:
         if self.watcher is not None:
             await self.watcher.close()
+
+    def reload(self) -> None:
+        """SIGHUP: rebuild the policy set now, even if no file looks changed."""
+        if self.watcher is not None:
+            self.watcher.request_reload()
 
     async def on_request(self, ex: "Exchange") -> None:
         """Fires after parse, before the upstream is contacted; ``ex.principal`` and ``ex.message`` are set."""
