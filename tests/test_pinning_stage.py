@@ -87,8 +87,9 @@ async def test_enforce_without_a_lock_file_holds_every_tool(tmp_path: Path) -> N
     config, stage = make(tmp_path, "enforce")
     await stage.start()
     assert await listed(stage, config, default_tools()) == []
-    with pytest.raises(ToolHeld):
+    with pytest.raises(ToolHeld) as held:
         await stage.on_request(exchange(config, "tools/call", "echo"))
+    assert held.value.data["kinds"] == ["tool_added"]
 
 
 async def test_a_call_on_a_replica_that_never_listed_fetches_once_and_decides(tmp_path: Path) -> None:
@@ -152,7 +153,14 @@ async def test_pagination_completes_a_listing_and_reports_removed_tools(tmp_path
     assert cat.complete and set(cat.tools) == {"echo", "add", "read_file", "delete_file"}
     with pytest.raises(ToolHeld) as held:
         await stage.on_request(exchange(config, "tools/call", "search_notes"))
-    assert held.value.data["kinds"] == ["tool_unlisted"]
+    assert held.value.data["kinds"] == ["tool_removed"]
+
+
+async def test_a_tool_never_listed_nor_approved_is_left_to_the_upstream(tmp_path: Path) -> None:
+    """No definition of it ever reached the model: nothing to pin (the policy decides on names)."""
+    config, stage = make(tmp_path, "enforce", lock=default_tools())
+    await stage.start()
+    await stage.on_request(exchange(config, "tools/call", "no_such_tool"))
 
 
 async def test_malformed_entries_are_dropped_not_guessed(tmp_path: Path) -> None:

@@ -198,14 +198,24 @@ class Pinning:
             if entry.kinds:
                 self.signals.call_warned(server, tool, entry.kinds)
             return
-        kinds = entry.blocking if entry is not None else ("tool_unlisted",)
+        if entry is None:
+            approved = st.approved
+            if approved is None or tool not in approved.tools:
+                # Never listed, never approved: no definition reached the model through
+                # the gateway, so there is nothing to pin; the upstream answers as it would
+                # for any unknown name (policy decides whether such calls pass at all).
+                self.signals.call_warned(server, tool, ("tool_unlisted",))
+                return
+            kinds: tuple[str, ...] = ("tool_removed",)   # approved, gone from the list, still called
+        else:
+            kinds = entry.blocking
         if not st.holding and (entry is None or not _blocking_findings(entry)):
             self.signals.call_warned(server, tool, kinds)
             return
         self.signals.call_held(server, tool, kinds)
         record(ex, {"tool": tool, "action": "held", "kinds": list(kinds)})
         why = ("its definition is not the approved one" if entry is not None
-               else "it is not in the server's current tool list")
+               else "it was approved but is no longer in the server's tool list")
         raise ToolHeld(f"Tool {tool!r} is held for review: {why}. An operator must approve it "
                        f"(mcp-gateway pins diff/approve {server}).", data={"tool": tool, "kinds": list(kinds)})
 
@@ -227,6 +237,20 @@ class Pinning:
         listing = _Listing(st.version)
         self.inspect_page(st, None, tools, listing)
         self._complete(st, None, listing)
+
+    async def refresh_tools(self, ex: "Exchange") -> None:
+        """Fill the catalog with the server's live tools (for the policy stage's annotation
+        lookups on a replica that has not relayed a listing).  Raises ``GatewayError``."""
+        st = self.servers.get(ex.server.name)
+        if st is not None:
+            await self._ensure(st, ex)
+            await self._refresh(st, ex)
+            return
+        try:
+            tools = await self._fetch(ex.server, ex)
+        except FetchError as exc:
+            raise UpstreamUnavailable(f"could not read the upstream's tools: {exc}") from exc
+        self.catalog.update(ex.server.name, tools)
 
     def _reevaluate(self, st: ServerPins, entry: Entry) -> Entry:
         fresh = self._evaluate(st, entry.definition, self._name_index())
@@ -458,4 +482,7 @@ def make_pinning(config: "Config", gw: Any) -> Pinning | None:
         eras[server.name] = era
         return tools
 
-    return Pinning(config, gw.store, catalog, fetch)
+    stage = Pinning(config, gw.store, catalog, fetch)
+    if getattr(gw, "refresh_tools", None) is None:
+        gw.refresh_tools = stage.refresh_tools   # for authz's annotation lookups (see its docstring)
+    return stage
