@@ -105,7 +105,7 @@ class ToolCatalog:
     def upsert(self, server: str, entries: dict[str, Entry]) -> bool:
         """Record one page; returns True when a tool name was new to the catalog."""
         cat = self.server(server)
-        new = any(name not in cat.tools for name in entries)
+        new = not cat.tools.keys() >= entries.keys()
         cat.tools.update(entries)
         if new:
             cat.generation += 1
