@@ -40,7 +40,8 @@ NOUNS = ["issue", "repo", "file", "user", "table", "page", "job", "ticket", "sec
 
 
 def policy_text(servers: int, rules_per_server: int) -> str:
-    """Realistic shapes: exact names, globs, claims, scope alternatives, deny rules, argument schemas."""
+    """Realistic shapes: exact names, globs, claims, scope alternatives, deny rules, argument schemas
+    (and lint-clean: no rule shadows another)."""
     rnd = random.Random(7)
     out = ["servers:"]
     for s in range(servers):
@@ -48,14 +49,14 @@ def policy_text(servers: int, rules_per_server: int) -> str:
         for r in range(rules_per_server):
             rid = f"s{s:02d}-r{r:02d}"
             kind = r % 10
-            verb, noun = VERBS[r % len(VERBS)], NOUNS[(r + s) % len(NOUNS)]
+            verb, noun = VERBS[r % len(VERBS)], NOUNS[(r // 10 + r + s) % len(NOUNS)]
             if kind == 0:
-                out.append(f"      - {{id: {rid}, effect: deny, match: 'delete_secret*', "
+                out.append(f"      - {{id: {rid}, effect: deny, match: 'delete_{noun}*', "
                            f"claims: {{client_id: {{in: [bot-{s}]}}}}}}")
             elif kind in (1, 2, 3):
                 out.append(f"      - {{id: {rid}, match: {verb}_{noun}, scopes: [s{s}:read]}}")
             elif kind in (4, 5):
-                out.append(f"      - {{id: {rid}, match: '{verb}_*', scopes: {{all_of: [s{s}:read], "
+                out.append(f"      - {{id: {rid}, match: '{verb}_{noun[0]}*', scopes: {{all_of: [s{s}:read], "
                            f"any_of: [team:a, team:b]}}}}")
             elif kind == 6:
                 out.append(f"      - {{id: {rid}, match: '{{{verb},{VERBS[(r + 1) % 10]}}}_{noun}', "

@@ -86,7 +86,7 @@ class Step:
 
 def is_destructive(annotations: Mapping[str, Any] | None) -> bool:
     """MCP defaults: ``readOnlyHint`` false and ``destructiveHint`` true unless the tool says otherwise."""
-    if annotations is None or not isinstance(annotations, Mapping):
+    if annotations is None or not isinstance(annotations, (dict, Mapping)):
         return True
     if annotations.get("readOnlyHint") is True:
         return False

@@ -106,12 +106,26 @@ def _compile(schema: Any) -> Check:
     checks.extend(_array_checks(schema))
     checks.extend(_string_checks(schema))
     checks.extend(_number_checks(schema))
+    return _all(checks)
+
+
+def _all(checks: list[Check]) -> Check:
     if not checks:
         return lambda x: True
     if len(checks) == 1:
         return checks[0]
+    if len(checks) == 2:
+        first, second = checks
+        return lambda x: first(x) and second(x)
     fixed = tuple(checks)
-    return lambda x: all(c(x) for c in fixed)
+
+    def every(x: Any) -> bool:
+        for c in fixed:     # a loop, not all(genexpr): this runs on every call
+            if not c(x):
+                return False
+        return True
+
+    return every
 
 
 def _object_checks(schema: dict[str, Any]) -> list[Check]:
@@ -160,29 +174,41 @@ def _array_checks(schema: dict[str, Any]) -> list[Check]:
 
 
 def _string_checks(schema: dict[str, Any]) -> list[Check]:
-    out: list[Check] = []
-    if "minLength" in schema:
-        n = _nonneg_int(schema["minLength"])
-        out.append(lambda x: not isinstance(x, str) or len(x) >= n)
-    if "maxLength" in schema:
-        m = _nonneg_int(schema["maxLength"])
-        out.append(lambda x: not isinstance(x, str) or len(x) <= m)
+    lo = _nonneg_int(schema["minLength"]) if "minLength" in schema else None
+    hi = _nonneg_int(schema["maxLength"]) if "maxLength" in schema else None
+    search = None
     if "pattern" in schema:
         if not isinstance(schema["pattern"], str):
             raise _Unsupported
         search = re.compile(schema["pattern"]).search
-        out.append(lambda x: not isinstance(x, str) or search(x) is not None)
-    return out
+    if lo is None and hi is None and search is None:
+        return []
+
+    def text(x: Any) -> bool:
+        if not isinstance(x, str):
+            return True
+        if (lo is not None and len(x) < lo) or (hi is not None and len(x) > hi):
+            return False
+        return search is None or search(x) is not None
+
+    return [text]
 
 
 def _number_checks(schema: dict[str, Any]) -> list[Check]:
-    out: list[Check] = []
-    for key, ok in (("minimum", lambda x, b: x >= b), ("maximum", lambda x, b: x <= b),
-                    ("exclusiveMinimum", lambda x, b: x > b), ("exclusiveMaximum", lambda x, b: x < b)):
-        if key in schema:
-            bound = _num(schema[key])
-            out.append(lambda x, b=bound, ok=ok: not _is_number(x) or ok(x, b))
-    return out
+    lo = _num(schema["minimum"]) if "minimum" in schema else None
+    hi = _num(schema["maximum"]) if "maximum" in schema else None
+    xlo = _num(schema["exclusiveMinimum"]) if "exclusiveMinimum" in schema else None
+    xhi = _num(schema["exclusiveMaximum"]) if "exclusiveMaximum" in schema else None
+    if lo is None and hi is None and xlo is None and xhi is None:
+        return []
+
+    def bounds(x: Any) -> bool:
+        if not isinstance(x, (int, float)) or isinstance(x, bool):
+            return True
+        return ((lo is None or x >= lo) and (hi is None or x <= hi)
+                and (xlo is None or x > xlo) and (xhi is None or x < xhi))
+
+    return [bounds]
 
 
 def compile_check(schema: Any) -> Check | None:
