@@ -66,7 +66,11 @@ _YAML11_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_
 _YAML11_OCTAL = re.compile(r"^[-+]?0[0-7_]+$")
 
 
-class _StrictLoader(yaml.SafeLoader):
+# libyaml's parser when present (4x faster on large policy sets; same marks).
+_Base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_Base):  # type: ignore[valid-type,misc]
     """SafeLoader whose booleans are only true/false (YAML 1.2 core schema)."""
 
 
@@ -110,7 +114,7 @@ def _convert(file: str, node: yaml.Node, loader: _StrictLoader, problems: list[P
             seq.append(_convert(file, item, loader, problems))
         return seq
     assert isinstance(node, yaml.ScalarNode)
-    if node.style is None and node.tag == "tag:yaml.org,2002:str":
+    if not node.style and node.tag == "tag:yaml.org,2002:str":
         text = node.value
         if _YAML11_BOOL.match(text):
             problems.append(Problem(
@@ -122,7 +126,7 @@ def _convert(file: str, node: yaml.Node, loader: _StrictLoader, problems: list[P
             problems.append(Problem(
                 _loc(file, node), f"ambiguous value {text!r}: quote it (YAML 1.1 reads it as base-60)"
             ))
-    if node.style is None and node.tag == "tag:yaml.org,2002:int" and _YAML11_OCTAL.match(node.value):
+    if not node.style and node.tag == "tag:yaml.org,2002:int" and _YAML11_OCTAL.match(node.value):
         problems.append(Problem(
             _loc(file, node), f"ambiguous number {node.value!r}: quote it, or drop the leading zero"
         ))
