@@ -461,9 +461,10 @@ def _blocking_findings(entry: Entry) -> bool:
 def make_pinning(config: "Config", gw: Any) -> Pinning | None:
     """Build the stage for ``app.py`` (None when no server pins its tools).
 
-    Side fetches use ``gw.upstream_call`` when the gateway offers one, else a
-    plain JSON-RPC client over the server's connection pool with its
-    configured upstream credentials.
+    Side fetches are plain JSON-RPC (``tool_fetch``) over the server's own
+    connection pool (``gw.upstreams.clients``) with its upstream credentials
+    (``gw.credentials``, given the caller's exchange, so per-caller credentials
+    such as token exchange apply); the era that worked is remembered per server.
     """
     if not any(s.pinning is not None and s.pinning.enabled for s in config.servers.values()):
         return None
