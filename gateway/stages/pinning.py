@@ -27,7 +27,6 @@ import os
 import secrets
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-import orjson
 import structlog
 
 from ..errors import (
@@ -35,11 +34,9 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..inspect.catalog import Entry, ToolCatalog
-from ..inspect.fingerprint import set_fingerprint
-from ..inspect.names import NameIndex
+from ..inspect.pin_lists import Listing, ListJudge
 from ..inspect.pin_signals import Signals, record
 from ..inspect.pin_state import ServerPins
-from ..inspect.pinning import context_findings, evaluate, removed
 from ..inspect.tool_fetch import FetchError, fetch_tools
 from ..store.base import StoreError
 
@@ -49,36 +46,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway.pinning")
 CHANNEL = "pinning"          # store pub/sub: b"stale:<server>:<replica>" and b"reset:<server>"
-MAX_OPEN_LISTINGS = 1024     # paginated listings in progress (keyed by their next cursor)
-PAGE_MEMO = 64               # judged pages remembered per server (tool sets change rarely)
 
 FetchFn = Callable[["ServerConfig", "Exchange | None"], Awaitable[list[dict[str, Any]]]]
-
-
-class _Page:
-    """The judgement of one exact page of tools (see ``Pinning.inspect_page``)."""
-
-    __slots__ = ("version", "index_gen", "entries", "entries_by_position", "prints", "kept", "flagged")
-
-    def __init__(self, version: int, index_gen: int) -> None:
-        self.version = version
-        self.index_gen = index_gen
-        self.entries: dict[str, Entry] = {}
-        self.entries_by_position: list[tuple[int, Entry]] = []
-        self.prints: dict[str, str] = {}
-        self.kept: list[int] = []
-        self.flagged: list[tuple[str, Entry]] = []
-
-
-class _Listing:
-    """One paginated listing in progress on this replica."""
-
-    __slots__ = ("names", "prints", "version")
-
-    def __init__(self, version: int) -> None:
-        self.names: set[str] = set()
-        self.prints: dict[str, str] = {}
-        self.version = version
 
 
 class Pinning:
@@ -95,12 +64,7 @@ class Pinning:
             name: ServerPins(name, s.pinning, pins_dir, self.signals)
             for name, s in config.servers.items() if s.pinning is not None and s.pinning.enabled
         }
-        self._listings: dict[tuple[str, str], _Listing] = {}
-        self._index: NameIndex | None = None
-        self._index_key: tuple[Any, ...] = ()
-        self._index_gen = 0
-        self._verdicts: dict[tuple[str, str], tuple[Any, Any]] = {}   # (server, fp) -> (key, verdict)
-        self._sets: dict[tuple[tuple[str, str], ...], str] = {}       # listing prints -> set fingerprint
+        self.lists = ListJudge(self.servers, catalog, self.signals)
         self._refreshing: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._replica = secrets.token_hex(4)   # to ignore our own stale notices
@@ -193,7 +157,7 @@ class Pinning:
             await self._refresh(st, ex)
         entry = cat.tools.get(tool)
         if entry is not None and (entry.print is None or entry.version != st.version):
-            entry = self._reevaluate(st, entry)
+            entry = self.lists.reevaluate(st, entry)
         if entry is not None and not entry.held:
             if entry.kinds:
                 self.signals.call_warned(server, tool, entry.kinds)
@@ -234,9 +198,9 @@ class Pinning:
 
     async def _do_refresh(self, st: ServerPins, ex: "Exchange") -> None:
         tools = await self._fetch_live(st, ex)
-        listing = _Listing(st.version)
-        self.inspect_page(st, None, tools, listing)
-        self._complete(st, None, listing)
+        listing = Listing(st.version)
+        self.lists.inspect_page(st, None, tools, listing)
+        self.lists.complete(st, None, listing)
 
     async def refresh_tools(self, ex: "Exchange") -> None:
         """Fill the catalog with the server's live tools (for the policy stage's annotation
@@ -251,136 +215,6 @@ class Pinning:
         except FetchError as exc:
             raise UpstreamUnavailable(f"could not read the upstream's tools: {exc}") from exc
         self.catalog.update(ex.server.name, tools)
-
-    def _reevaluate(self, st: ServerPins, entry: Entry) -> Entry:
-        fresh = self._evaluate(st, entry.definition, self._name_index())
-        self.catalog.server(st.name).tools[fresh.definition["name"]] = fresh
-        return fresh
-
-    # -- tools/list pages ------------------------------------------------------------
-
-    def inspect_page(self, st: ServerPins, ex: "Exchange | None", tools: list[Any],
-                     listing: _Listing) -> list[Any]:
-        """Check one page; returns the tools to relay.  Updates catalog and signals.
-
-        A page identical (byte for byte) to one already judged against the same
-        approved set and name index reuses that judgement: every listing after
-        the first costs one ``orjson.dumps`` of the page, not 50 lookups.
-        """
-        index = self._name_index()
-        try:
-            key: bytes | None = orjson.dumps(tools)
-        except TypeError:
-            key = None
-        memo = st.pages.get(key) if key is not None else None
-        if memo is None or memo.version != st.version or memo.index_gen != self._index_gen:
-            memo = self._judge_page(st, tools, index)
-            if key is not None:
-                if len(st.pages) >= PAGE_MEMO:
-                    del st.pages[next(iter(st.pages))]
-                st.pages[key] = memo
-        else:
-            for i, entry in memo.entries_by_position:
-                entry.definition = tools[i]   # the catalog points at the message being relayed
-        listing.names.update(memo.prints)
-        listing.prints.update(memo.prints)
-        self.catalog.upsert(st.name, memo.entries)
-        for name, entry in memo.flagged:
-            self._signal(st, ex, name, entry)
-        if len(memo.kept) == len(tools):
-            return tools
-        return [tools[i] for i in memo.kept]
-
-    def _judge_page(self, st: ServerPins, tools: list[Any], index: NameIndex) -> "_Page":
-        page = _Page(st.version, self._index_gen)
-        for i, tool in enumerate(tools):
-            if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
-                continue   # malformed entries are dropped, never guessed at
-            entry = self._evaluate(st, tool, index)
-            name = tool["name"]
-            page.entries[name] = entry
-            page.entries_by_position.append((i, entry))
-            page.prints[name] = entry.print.fingerprint if entry.print else ""
-            if not entry.held:
-                page.kept.append(i)
-            if entry.kinds or entry.findings:
-                page.flagged.append((name, entry))
-        return page
-
-    def _evaluate(self, st: ServerPins, tool: dict[str, Any], index: NameIndex) -> Entry:
-        ins = st.inspector.inspect(tool)
-        key = (st.version, self._index_gen)
-        memo = self._verdicts.get((st.name, ins.print.fingerprint))
-        if memo is not None and memo[0] == key:
-            verdict = memo[1]
-        else:
-            verdict = evaluate(st.cfg, st.approved, ins, context_findings(st.cfg.rules, st.name, ins, index))
-            if len(self._verdicts) >= 16384:
-                self._verdicts.clear()
-            self._verdicts[(st.name, ins.print.fingerprint)] = (key, verdict)
-        findings = tuple(f for f in verdict.findings if st.cfg.action(f.severity) != "ignore")
-        return Entry(tool, ins.print, verdict.held, verdict.kinds, findings, verdict.blocking, st.version,
-                     verdict.renamed_from)
-
-    def _signal(self, st: ServerPins, ex: "Exchange | None", name: str, entry: Entry) -> None:
-        action = "blocked" if entry.held else "warned"
-        fp = entry.print.fingerprint if entry.print else ""
-        if entry.kinds:
-            approved = st.approved.tools.get(name) if st.approved is not None else None
-            self.signals.change(st.name, name, entry.kinds, "blocked" if st.holding else "warned",
-                                fingerprint=fp, approved=approved.fingerprint if approved else "",
-                                renamed_from=entry.renamed_from)
-        for f in entry.findings:
-            self.signals.finding(st.name, name, f, "blocked" if st.cfg.action(f.severity) == "block"
-                                 and f.rule in entry.blocking else "warned", fp)
-        if ex is not None:
-            record(ex, {"tool": name, "action": action, "kinds": list(entry.kinds),
-                        "rules": sorted({f.rule for f in entry.findings})})
-
-    def _complete(self, st: ServerPins, ex: "Exchange | None", listing: _Listing) -> None:
-        prints = tuple(sorted(listing.prints.items()))
-        tool_set = self._sets.get(prints)
-        if tool_set is None:
-            if len(self._sets) >= PAGE_MEMO:
-                self._sets.clear()
-            tool_set = self._sets[prints] = set_fingerprint(prints)
-        self.catalog.complete(st.name, listing.names, tool_set)
-        if listing.version != st.version:
-            return   # the approved set changed mid-listing: removals would be judged on the wrong set
-        gone = removed(st.approved, listing.names)
-        for name in gone:
-            self.signals.change(st.name, name, ("tool_removed",), "blocked" if st.holding else "warned",
-                                approved=st.approved.tools[name].fingerprint if st.approved else "")
-            if ex is not None:
-                record(ex, {"tool": name, "action": "removed", "kinds": ["tool_removed"]})
-        if ex is not None:
-            ex.audit["tool_set"] = tool_set
-            if st.approved is not None:
-                ex.audit["tool_set_approved"] = tool_set == st.approved.tool_set
-
-    def listing_for(self, st: ServerPins, cursor: str | None) -> _Listing | None:
-        """The listing a page belongs to (None: a continuation this replica did not start)."""
-        if cursor is None:
-            return _Listing(st.version)
-        return self._listings.pop((st.name, cursor), None)
-
-    def continue_listing(self, st: ServerPins, cursor: str, listing: _Listing) -> None:
-        if len(self._listings) >= MAX_OPEN_LISTINGS:
-            del self._listings[next(iter(self._listings))]
-        self._listings[(st.name, cursor)] = listing
-
-    def _name_index(self) -> NameIndex:
-        """Tool names of every mounted server (approved and live), for shadowing checks."""
-        key = tuple((s, st.version) for s, st in self.servers.items()) + self.catalog.generations()
-        if self._index is None or key != self._index_key:
-            self._index_gen += 1
-            names: dict[str, set[str]] = {s: set(n) for s, n in self.catalog.names().items()}
-            for s, st in self.servers.items():
-                if st.approved is not None:
-                    names.setdefault(s, set()).update(st.approved.tools)
-            self._index = NameIndex.build(names)
-            self._index_key = key
-        return self._index
 
     # -- list_changed on any stream ----------------------------------------------------
 
@@ -437,20 +271,20 @@ class _ListHook:
         if not isinstance(tools, list):
             result["tools"] = []
             return message
-        stage, st = self.stage, self.st
-        listing = stage.listing_for(st, self.cursor)
+        lists, st = self.stage.lists, self.st
+        listing = lists.listing_for(st, self.cursor)
         partial = listing is None
         if listing is None:
-            listing = _Listing(st.version)
-        kept = stage.inspect_page(st, ex, tools, listing)
+            listing = Listing(st.version)
+        kept = lists.inspect_page(st, ex, tools, listing)
         if len(kept) != len(tools):
             result["tools"] = kept
         next_cursor = result.get("nextCursor")
         if isinstance(next_cursor, str):
             if not partial:
-                stage.continue_listing(st, next_cursor, listing)
+                lists.continue_listing(st, next_cursor, listing)
         elif not partial:
-            stage._complete(st, ex, listing)
+            lists.complete(st, ex, listing)
         return message
 
 
