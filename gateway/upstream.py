@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .errors import (
     GatewayError, SessionNotFound, UpstreamAuthRefused, UpstreamInvalid, UpstreamTimeout,
@@ -49,8 +50,12 @@ _DROP_RESPONSE = frozenset({
     "mcp-session-id", "www-authenticate", "set-cookie", "server", "date", "trailer", "upgrade",
     "proxy-authenticate",
 })
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DRAIN_LIMIT_S = 600.0  # legacy disconnects: keep reading upstream at most this long
+
+
+def _connection_tokens(headers: Any) -> frozenset[str]:
+    """Header names listed in ``Connection``: hop-by-hop too (RFC 9110 §7.6.1)."""
+    return frozenset(t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(","))
 
 
 def error_body(err: GatewayError, rpc_id: Any) -> bytes:
@@ -102,6 +107,8 @@ class Forwarder:
 
     async def _headers(self, ex: "Exchange") -> dict[str, str]:
         drop = self._drop
+        if "Connection" in ex.request.headers:
+            drop = drop | _connection_tokens(ex.request.headers)
         out = {k: v for k, v in ex.request.headers.items() if k.lower() not in drop}
         out["Accept-Encoding"] = "identity"
         if ex.upstream_session_id is not None:
@@ -146,12 +153,21 @@ class Forwarder:
             # clients fetch upstream tokens and send them here (passthrough).
             self._count(server, "auth_refused")
             raise UpstreamAuthRefused("the upstream MCP server refused the gateway's credentials")
+        if 300 <= status < 400:
+            # A redirect names the upstream's own URL: relaying it would leak it and send
+            # the client around the gateway.  It means servers.<name>.url is not the endpoint.
+            self._count(server, "redirect")
+            raise UpstreamInvalid("the upstream MCP server answered with a redirect",
+                                  reason="upstream_redirect")
         if status == 404 and ex.session is not None:
             # The upstream forgot the session: drop ours too so the client re-initializes.
             await self._sessions.delete(ex.session.id)
             raise SessionNotFound("session expired upstream; initialize a new session",
                                   reason="upstream_session_gone")
-        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE}
+        drop = _DROP_RESPONSE | _connection_tokens(resp.headers) if "Connection" in resp.headers else _DROP_RESPONSE
+        # Case-insensitive, so the gateway's own SSE headers replace the upstream's
+        # instead of being sent twice.
+        out_headers = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in drop)
         await self._map_session(ex, resp, out_headers)
         if ex.request.method == "DELETE" and ex.session is not None and (status < 300 or status in (404, 405)):
             await self._sessions.delete(ex.session.id)
@@ -165,7 +181,7 @@ class Forwarder:
         if status == 202 or status == 204:
             return web.Response(status=status, headers=out_headers), False
         try:
-            body = await resp.content.read(self._json_limit + 1)
+            body = await self._read_body(resp)
         except asyncio.TimeoutError as exc:
             self._count(server, "timeout")
             raise UpstreamTimeout("the upstream MCP server stopped answering") from exc
@@ -184,7 +200,23 @@ class Forwarder:
             body = self._inspect_json(ex, body)
         return web.Response(status=status, body=body, headers=out_headers), False
 
-    async def _map_session(self, ex: "Exchange", resp: aiohttp.ClientResponse, out: dict[str, str]) -> None:
+    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body, or the first ``limit + 1`` bytes when it is larger.
+
+        ``StreamReader.read(n)`` returns what is buffered *up to* n bytes, not n
+        bytes: a reply arriving in several TCP reads must be read in a loop.
+        """
+        chunks: list[bytes] = []
+        size = 0
+        while size <= self._json_limit:
+            chunk = await resp.content.readany()
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+
+    async def _map_session(self, ex: "Exchange", resp: aiohttp.ClientResponse, out: CIMultiDict[str]) -> None:
         upstream_sid = resp.headers.get("Mcp-Session-Id")
         if ex.session is not None:
             if upstream_sid is None or upstream_sid == ex.session.upstream_id:
@@ -238,8 +270,9 @@ class Forwarder:
     # -- SSE ----------------------------------------------------------------------
 
     async def _relay_sse(self, ex: "Exchange", resp: aiohttp.ClientResponse,
-                         headers: dict[str, str]) -> tuple[web.StreamResponse, bool]:
-        headers.update(_SSE_HEADERS)
+                         headers: CIMultiDict[str]) -> tuple[web.StreamResponse, bool]:
+        headers["X-Accel-Buffering"] = "no"
+        headers.setdefault("Cache-Control", "no-cache")
         out = web.StreamResponse(status=resp.status, headers=headers)
         ex.status = resp.status
         await out.prepare(ex.request)
