@@ -102,8 +102,6 @@ class Gateway:
                 await stage.start()
 
     async def close(self) -> None:
-        for task in list(self.forwarder.background):
-            task.cancel()
         for stage in reversed(self.stages):
             if hasattr(stage, "close"):
                 await stage.close()
@@ -179,8 +177,10 @@ async def serve(config: Config, *, reuse_port: bool = False, ready: asyncio.Even
     """Run until SIGTERM/SIGINT (or ``stop``), then drain in-flight requests."""
     gw = Gateway(config)
     await gw.start()
+    # handler_cancellation: a client disconnect must reach the upstream at once
+    # (see Forwarder._client_gone), not at the next event the gateway writes.
     public = web.AppRunner(make_public_app(gw), shutdown_timeout=config.shutdown_grace,
-                           access_log=None, handle_signals=False)
+                           access_log=None, handle_signals=False, handler_cancellation=True)
     admin = web.AppRunner(make_admin_app(gw.readiness), access_log=None, handle_signals=False)
     await public.setup()
     await admin.setup()

@@ -18,13 +18,13 @@ import orjson
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from .errors import (
     GatewayError, SessionNotFound, UpstreamAuthRefused, UpstreamInvalid, UpstreamTimeout,
     UpstreamUnavailable,
 )
 from .inspect.sse import SSEFramer, SSETooLarge, encode_event
-from .pipeline import MODERN
 from .telemetry.metrics import BOUND, SESSIONS, SSE_EVENTS, UPSTREAM_ERRORS
 
 if TYPE_CHECKING:
@@ -50,7 +50,6 @@ _DROP_RESPONSE = frozenset({
     "mcp-session-id", "www-authenticate", "set-cookie", "server", "date", "trailer", "upgrade",
     "proxy-authenticate",
 })
-_DRAIN_LIMIT_S = 600.0  # legacy disconnects: keep reading upstream at most this long
 
 
 def _connection_tokens(headers: Any) -> frozenset[str]:
@@ -103,7 +102,8 @@ class Forwarder:
         self._drop = _DROP_REQUEST | {h.lower() for h in identity_headers}
         self._event_limit = config.limits.max_sse_event_bytes
         self._json_limit = config.limits.max_response_bytes
-        self.background: set[asyncio.Task[None]] = set()
+        # Parsed once: yarl parsing a URL string costs more than the rest of the request setup.
+        self._urls = {name: URL(s.url) for name, s in config.servers.items()}
 
     async def _headers(self, ex: "Exchange") -> dict[str, str]:
         drop = self._drop
@@ -125,7 +125,7 @@ class Forwarder:
         client = self._upstreams.clients[server.name]
         headers = await self._headers(ex)
         try:
-            resp = await client.request(ex.request.method, server.url, data=ex.body, headers=headers,
+            resp = await client.request(ex.request.method, self._urls[server.name], data=ex.body, headers=headers,
                                         allow_redirects=False)
         except asyncio.TimeoutError as exc:
             self._count(server, "timeout")
@@ -138,6 +138,10 @@ class Forwarder:
             ex.upstream_status = resp.status
             response, handed_off = await self._relay(ex, resp)
             return response
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels the handler): see _client_gone.
+            handed_off = self._client_gone(ex, resp)
+            raise
         finally:
             if not handed_off:
                 resp.release()
@@ -196,7 +200,8 @@ class Forwarder:
         if status >= 400 and not is_json:
             self._count(server, f"http_{status // 100}xx")
             raise UpstreamInvalid(f"the upstream MCP server answered HTTP {status}")
-        if is_json and ex.response_hooks and body:
+        # Hooks marked sse_only (pinning's list_changed watcher) need no JSON body: skip the parse.
+        if is_json and body and any(not getattr(h, "sse_only", False) for h in ex.response_hooks):
             body = self._inspect_json(ex, body)
         return web.Response(status=status, body=body, headers=out_headers), False
 
@@ -335,29 +340,14 @@ class Forwarder:
             pass
 
     def _client_gone(self, ex: "Exchange", resp: aiohttp.ClientResponse) -> bool:
-        """The client disconnected mid-stream.  Returns True when ``resp`` was handed off.
+        """The client disconnected mid-stream: mirror the disconnect upstream.
 
-        2026-07-28: closing the stream IS the cancellation, so the upstream
-        request is closed too.  2025-11-25: a disconnect is NOT a cancel; the
-        upstream keeps working (and can replay via Last-Event-ID), so the rest
-        of its stream is drained in the background.
+        The upstream then applies its own era's rule, exactly as if the client
+        had been connected to it directly: in 2025-11-25 a disconnect is not a
+        cancellation (the call runs on and the client resumes with
+        ``Last-Event-ID``, which needs the old stream to be detached first); in
+        2026-07-28 closing the stream is the cancellation.
         """
         ex.outcome = "client_gone"
-        if ex.era == MODERN or ex.request.method == "GET":
-            resp.close()
-            return True
-        task = asyncio.get_running_loop().create_task(self._drain(resp))
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        resp.close()
         return True
-
-    @staticmethod
-    async def _drain(resp: aiohttp.ClientResponse) -> None:
-        try:
-            async with asyncio.timeout(_DRAIN_LIMIT_S):
-                while await resp.content.readany():
-                    pass
-        except (asyncio.TimeoutError, aiohttp.ClientError):
-            pass
-        finally:
-            resp.release()

@@ -345,11 +345,6 @@ async def test_subscriptions_listen_streams_through_the_gateway(http: Any, gw: G
     assert first.message["params"]["notifications"] == {"toolsListChanged": True}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core defect: after a legacy client disconnects, Forwarder._client_gone keeps draining the upstream "
-    "POST stream (and only notices the disconnect at its next write), so the upstream still sees that "
-    "stream attached and answers an immediate GET + Last-Event-ID with an empty stream; directly, the "
-    "same resume continues live. Fix needs app.py (handler_cancellation) + closing the upstream response."))
 async def test_a_legacy_client_disconnect_is_not_a_cancel_and_an_immediate_resume_continues_the_stream(
         http: Any, gw: Gateway) -> None:
     sid, _ = await initialize(http, gw.url("up"))
