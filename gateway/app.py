@@ -140,6 +140,8 @@ class Gateway:
     def _error(self, ex: Exchange | None, err: GatewayError) -> web.Response:
         headers = dict(_JSON)
         headers.update(err.headers)
+        if ex is not None and ex.response_headers:
+            headers.update(ex.response_headers)
         if isinstance(err, InsufficientScope) and ex is not None and "WWW-Authenticate" not in headers:
             from .auth.challenge import www_authenticate
             headers["WWW-Authenticate"] = www_authenticate(
@@ -161,6 +163,7 @@ async def _not_found(_request: web.Request) -> web.Response:
 
 def make_public_app(gw: Gateway) -> web.Application:
     app = web.Application(client_max_size=gw.config.limits.max_body_bytes)
+    app.router.add_route("OPTIONS", "/mcp/{server}", gw.stages[0].preflight)
     app.router.add_route("*", "/mcp/{server}", gw.handle)
     try:
         from .auth.metadata import routes as auth_routes

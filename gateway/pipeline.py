@@ -69,7 +69,7 @@ class Exchange:
         "request", "server", "started", "era", "protocol_version", "principal", "token",
         "body", "message", "rpc_id", "method", "name", "arguments", "is_request",
         "session", "upstream_session_id", "response_hooks", "audit", "status",
-        "outcome", "reason", "upstream_status", "extra_upstream_headers",
+        "outcome", "reason", "upstream_status", "extra_upstream_headers", "response_headers",
     )
 
     def __init__(self, request: "web.Request", server: "ServerConfig") -> None:
@@ -98,6 +98,8 @@ class Exchange:
         self.reason = ""
         self.upstream_status = 0
         self.extra_upstream_headers: dict[str, str] | None = None
+        # Headers the gateway adds to whatever it answers (CORS for allowed origins).
+        self.response_headers: dict[str, str] | None = None
 
 
 class Stage(Protocol):

@@ -172,6 +172,8 @@ class Forwarder:
         # Case-insensitive, so the gateway's own SSE headers replace the upstream's
         # instead of being sent twice.
         out_headers = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in drop)
+        if ex.response_headers:
+            out_headers.update(ex.response_headers)
         await self._map_session(ex, resp, out_headers)
         if ex.request.method == "DELETE" and ex.session is not None and (status < 300 or status in (404, 405)):
             await self._sessions.delete(ex.session.id)

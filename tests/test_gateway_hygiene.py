@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.support.components import Gateway, Upstream
+from tests.support.gw_helpers import with_policy  # noqa: E402
 from tests.support.gw_helpers import (
     Stack, http_client, modern_headers, modern_params, post, request, rpc, stack,  # noqa: F401  (fixture)
 )
@@ -142,7 +143,7 @@ async def test_a_token_in_the_query_string_is_refused(http: Any, gw: Gateway, up
 async def test_methods_other_than_get_post_delete_are_refused_with_405(http: Any, gw: Gateway) -> None:
     reply = await request(http, "PUT", gw.url("up"), headers={"Content-Type": "application/json"}, data=b"{}")
     assert reply.status == 405 and reply.error_reason == "method_not_allowed"
-    assert set(reply.headers["Allow"].replace(" ", "").split(",")) == {"GET", "POST", "DELETE"}
+    assert set(reply.headers["Allow"].replace(" ", "").split(",")) == {"GET", "POST", "DELETE", "OPTIONS"}
 
 
 # --------------------------------------------------------------------------- headers to the upstream
@@ -234,3 +235,33 @@ async def test_health_readiness_and_metrics_live_on_the_admin_listener(http: Any
     for family in ("mcpgw_request_duration_seconds_bucket", "mcpgw_inflight_requests", "mcpgw_build_info"):
         assert family in text
     assert (await request(http, "GET", gw.admin_url + "/mcp/up")).status == 404
+
+
+# -- CORS for browser clients on allowed origins ------------------------------------------
+
+
+async def test_a_preflight_from_an_allowed_origin_is_answered_by_the_gateway_with_cors_headers(  # noqa: E501
+        tmp_path: Any, gateway: Any, upstream: Any) -> None:
+    import aiohttp
+    up = await upstream.astart()
+    gw = await gateway.astart(with_policy({"servers": {"up": up},
+                                           "http": {"allowed_origins": ["https://inspector.example"]}},
+                                          tmp_path))
+    async with aiohttp.ClientSession() as http:
+        async with http.options(gw.url("up"), headers={
+                "Origin": "https://inspector.example", "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type, mcp-session-id"}) as resp:
+            assert resp.status == 204
+            assert resp.headers["Access-Control-Allow-Origin"] == "https://inspector.example"
+            allowed = resp.headers["Access-Control-Allow-Headers"].lower()
+            assert "authorization" in allowed and "mcp-session-id" in allowed
+        async with http.options(gw.url("up"), headers={"Origin": "https://evil.example"}) as resp:
+            assert resp.status == 403
+            assert (await resp.json())["error"]["data"]["reason"] == "origin_rejected"
+        body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        async with http.post(gw.url("up"), json=body, headers={
+                "Origin": "https://inspector.example", "Accept": "application/json, text/event-stream",
+                "MCP-Protocol-Version": "2025-11-25"}) as resp:
+            assert resp.headers.get("Access-Control-Allow-Origin") == "https://inspector.example"
+            assert "mcp-session-id" in resp.headers["Access-Control-Expose-Headers"].lower()
+    assert all(r["method"] != "OPTIONS" for r in up.records())

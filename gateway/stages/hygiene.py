@@ -1,22 +1,32 @@
-"""Transport hygiene: Origin, Host, and the request line itself.
+"""Transport hygiene: Origin, Host, CORS and the request line itself.
 
 Runs first: a DNS-rebinding page or a misdirected request is refused before
 any token is looked at.  The spec requires 403 for a present, invalid
 ``Origin``; a ``Host`` that is not the gateway's public host is answered 421
 (this is what catches DNS rebinding from clients that send no Origin).
+Browsers on an allowed origin get CORS headers, and their preflight
+``OPTIONS`` is answered here without reaching the upstream.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from aiohttp import web
+
 from ..errors import BadRequest, HostRejected, MethodNotAllowed, OriginRejected
+from ..upstream import error_body
 
 if TYPE_CHECKING:
     from ..config.model import Config
     from ..pipeline import Exchange
 
 # Where OAuth 2.1 forbids a bearer token (§5.1.1): never in the URL.
-_TOKEN_PARAMS = ("access_token", "token", "bearer")
+_TOKEN_PARAMS = frozenset({"access_token", "token", "bearer", "id_token", "authorization"})
+# What an MCP browser client sends and must be able to read back.
+_CORS_ALLOW_HEADERS = ("Authorization, Content-Type, Accept, Mcp-Session-Id, MCP-Protocol-Version, "
+                       "Mcp-Method, Mcp-Name, Last-Event-ID")
+_CORS_EXPOSE_HEADERS = "Mcp-Session-Id, WWW-Authenticate, MCP-Protocol-Version"
+_CORS_MAX_AGE = "600"
 
 
 class Hygiene:
@@ -32,12 +42,8 @@ class Hygiene:
         self._origins = frozenset(o.lower() for o in origins)
         self._trust_forwarded = config.http.trust_forwarded_host
 
-    async def on_request(self, ex: "Exchange") -> None:
-        req = ex.request
-        if req.method not in ("POST", "GET", "DELETE"):
-            raise MethodNotAllowed(f"{req.method} is not supported on an MCP endpoint",
-                                   headers={"Allow": "GET, POST, DELETE"})
-        headers = req.headers
+    def _check_origin_host(self, request: web.Request) -> str | None:
+        headers = request.headers
         origin = headers.get("Origin")
         if origin is not None and origin.lower() not in self._origins:
             raise OriginRejected("Origin not allowed")
@@ -45,10 +51,39 @@ class Hygiene:
         host = (host or headers.get("Host") or "").lower()
         if host not in self._hosts:
             raise HostRejected("Host not allowed")
+        return origin
+
+    async def on_request(self, ex: "Exchange") -> None:
+        req = ex.request
+        if req.method not in ("POST", "GET", "DELETE"):
+            raise MethodNotAllowed(f"{req.method} is not supported on an MCP endpoint",
+                                   headers={"Allow": "GET, POST, DELETE, OPTIONS"})
+        origin = self._check_origin_host(req)
+        if origin is not None:
+            ex.response_headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                                   "Access-Control-Expose-Headers": _CORS_EXPOSE_HEADERS}
         if req.query_string:
-            query = req.query
-            for name in _TOKEN_PARAMS:
-                if name in query:
+            for name in req.query:
+                if name.lower() in _TOKEN_PARAMS:
                     raise BadRequest("tokens are not accepted in the query string; "
                                      "send them in the Authorization header",
                                      reason="token_in_query")
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        """CORS preflight for allowed origins; nothing reaches the upstream."""
+        try:
+            origin = self._check_origin_host(request)
+        except (OriginRejected, HostRejected) as err:
+            return web.Response(status=err.status, body=error_body(err, None),
+                                headers={"Content-Type": "application/json"})
+        headers = {"Allow": "GET, POST, DELETE, OPTIONS"}
+        if origin is not None:
+            headers.update({
+                "Access-Control-Allow-Origin": origin,
+                "Access-Control-Allow-Methods": "GET, POST, DELETE",
+                "Access-Control-Allow-Headers": _CORS_ALLOW_HEADERS,
+                "Access-Control-Expose-Headers": _CORS_EXPOSE_HEADERS,
+                "Access-Control-Max-Age": _CORS_MAX_AGE,
+                "Vary": "Origin",
+            })
+        return web.Response(status=204, headers=headers)
