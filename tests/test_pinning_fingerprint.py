@@ -28,7 +28,7 @@ def test_canonical_json_is_byte_identical_to_the_rfc8785_reference(value: Any) -
 
 @pytest.mark.parametrize("value", [
     {"b": 1, "a": 2}, {"\u20ac": 1, "\U0001f600": 2, "\ufb33": 3}, [1.0, 0.1, 1e21, -0.0, 5e-324],
-    {"s": "\u2028\u2029\x7f\x00\"\\/"}, 2**53 - 1,
+    {"s": "\u2028\u2029\x7f\x00\"\\/"}, 2**53 - 1, 0.0, -1.5, {"k": "ratio:1.5, [2e3"}, [True, None, -0],
 ])
 def test_canonical_json_edge_cases(value: Any) -> None:
     assert canonical_json(value) == rfc8785.dumps(value)

@@ -17,6 +17,7 @@ two agree on arbitrary JSON (hypothesis).
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -71,9 +72,25 @@ def _as_plain(value: Any) -> Any:
     raise TypeError(f"not a JSON value: {type(value).__name__}")
 
 
+# A float in orjson's output (no whitespace) is the whole output or follows ":", "," or "[", and has
+# a dot or an exponent.  The same bytes inside a string only cause a needless slow path.
+_FLOAT = re.compile(rb"[:,\[]-?[0-9]+[.eE]")   # starts with a character class: a fast scan
+_SORTED_STRICT = orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER
+
+
 def canonical_json(value: Any, *, fast: bool | None = None) -> bytes:
     """RFC 8785 canonical bytes of a JSON value (``fast``: precomputed ``_fast_ok``)."""
-    if fast if fast is not None else _fast_ok(value):
+    if fast is None:
+        # Cheapest proof first: ASCII-only output (so no key ordering subtleties), no float
+        # token, integers within 53 bits (OPT_STRICT_INTEGER raises otherwise).
+        try:
+            out = orjson.dumps(value, option=_SORTED_STRICT)
+        except TypeError:
+            out = None
+        if out is not None and out.isascii() and out[:1] not in b"-0123456789" and not _FLOAT.search(out):
+            return out
+        fast = _fast_ok(value)
+    if fast:
         try:
             return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
         except TypeError:  # e.g. a lone surrogate orjson refuses to encode
@@ -107,9 +124,8 @@ class ToolPrint:
 def tool_print(tool: dict[str, Any], ignore: frozenset[str] = frozenset()) -> ToolPrint:
     definition = {k: v for k, v in tool.items() if k not in ignore} if ignore else tool
     name = tool.get("name")
-    fast = _fast_ok(definition)    # the body is a subset: one walk serves both
-    full = canonical_json(definition, fast=fast)
-    body = canonical_json({k: v for k, v in definition.items() if k not in NAME_FIELDS}, fast=fast)
+    full = canonical_json(definition)
+    body = canonical_json({k: v for k, v in definition.items() if k not in NAME_FIELDS})
     return ToolPrint(name if isinstance(name, str) else "", digest(full), digest(body), definition)
 
 
