@@ -103,7 +103,21 @@ async def test_expired_access_token_is_refreshed_without_a_second_login(idp, ups
 
 async def test_step_up_after_insufficient_scope_reauthorizes_with_the_union(idp, upstream, gateway, tmp_path) -> None:
     as_, up = await idp.astart(), await upstream.astart()
-    gw = await gateway.astart(oauth_config(as_, up, tmp_path, scopes=["mcp:read"], tool_scopes={"add": ["mcp:write"]}))
+    policies = tmp_path / "step-up-policies"
+    policies.mkdir()
+    # Which scopes a tool needs is the policy's call (one decision for list and call).
+    (policies / "demo.yaml").write_text(
+        "servers:\n"
+        "  demo:\n"
+        "    destructive: allow\n"
+        "    tools:\n"
+        "      - {id: echo-reads, match: echo, scopes: [mcp:read]}\n"
+        "      - {id: add-writes, match: add, scopes: [mcp:read, mcp:write]}\n"
+        "    methods:\n"
+        "      - {id: all-methods, match: ['**']}\n")
+    config = oauth_config(as_, up, tmp_path, scopes=["mcp:read"])
+    config["policies"] = str(policies)
+    gw = await gateway.astart(config)
     async with http_client() as http:    # the raw 403 first: status, challenge, body
         token = as_.client_credentials(gw.url("demo"), "mcp:read")
         reply = await post(http, gw.url("demo"), rpc("tools/call", {"name": "add", "arguments": {"a": 1, "b": 1}}),

@@ -82,18 +82,13 @@ class ServerAuth:
 
     issuers: tuple[str, ...] = ()
     scopes: tuple[str, ...] = ()                        # needed for every request; challenged on 401
-    scopes_supported: tuple[str, ...] | None = None     # RFC 9728; None: derived from the others
-    method_scopes: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (method glob, scopes)
-    tool_scopes: tuple[tuple[str, tuple[str, ...]], ...] = ()     # (tool-name glob, scopes)
+    scopes_supported: tuple[str, ...] | None = None     # RFC 9728; None: the mount's scopes
     forward_identity: bool = False                      # X-Gateway-* identity headers upstream
 
     def published_scopes(self) -> tuple[str, ...]:
         if self.scopes_supported is not None:
             return self.scopes_supported
-        seen: dict[str, None] = dict.fromkeys(self.scopes)
-        for _, scopes in self.method_scopes + self.tool_scopes:
-            seen.update(dict.fromkeys(scopes))
-        return tuple(seen)
+        return self.scopes
 
 
 NO_SERVER_AUTH = ServerAuth()
@@ -229,25 +224,6 @@ def _scope_list(r: Reader, key: str) -> tuple[str, ...]:
     return scopes
 
 
-def _scope_map(r: Reader, key: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    sub = r.mapping(key)
-    out = []
-    for pattern in list(sub.node):
-        if not isinstance(pattern, str) or not pattern:
-            sub.error(pattern, f"{sub.path}: keys must be non-empty names or globs")
-            continue
-        value = sub.node[pattern]
-        if isinstance(value, str):
-            value_scopes: tuple[str, ...] = tuple(value.split())
-            sub.seen.add(pattern)
-            if not all(_SCOPE_RE.fullmatch(s) for s in value_scopes):
-                sub.error(pattern, f"{sub.path}.{pattern}: not a valid scope list")
-        else:
-            value_scopes = _scope_list(sub, pattern)
-        out.append((pattern, value_scopes))
-    return tuple(out)
-
-
 def parse_server_auth(s: Reader, ctx: dict[str, Any]) -> ServerAuth:
     if s.has("auth"):
         sub = s.mapping("auth")
@@ -255,7 +231,6 @@ def parse_server_auth(s: Reader, ctx: dict[str, Any]) -> ServerAuth:
         sub.seen.add("scopes_supported")
         cfg = ServerAuth(
             issuers=sub.str_list("issuers"), scopes=_scope_list(sub, "scopes"), scopes_supported=supported,
-            method_scopes=_scope_map(sub, "method_scopes"), tool_scopes=_scope_map(sub, "tool_scopes"),
             forward_identity=sub.bool("forward_identity", False),
         )
         sub.done()
@@ -274,6 +249,6 @@ def parse_server_auth(s: Reader, ctx: dict[str, Any]) -> ServerAuth:
             sub.error("issuers" if cfg.issuers else None,
                       f"{sub.path}: several trusted issuers introspect opaque tokens; restrict "
                       f"{s.path}.auth.issuers so that at most one of them does")
-    elif auth is not None and (cfg.issuers or cfg.scopes or cfg.method_scopes or cfg.tool_scopes):
+    elif auth is not None and (cfg.issuers or cfg.scopes):
         sub.error(None, f"{sub.path} restricts tokens but auth.mode is 'none'")
     return cfg

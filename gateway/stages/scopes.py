@@ -1,16 +1,14 @@
-"""Scope requirements written in the auth config (``servers.<name>.auth``).
+"""Mount-wide scope requirements (``servers.<name>.auth.scopes``).
 
-Fires after parse (``ex.method``/``ex.name`` are known) and before authz.
-``scopes`` apply to every request, ``method_scopes`` to JSON-RPC methods and
-``tool_scopes`` to ``tools/call`` by tool name (both take ``fnmatch`` globs).
-A caller whose token lacks any of them gets 403 ``insufficient_scope`` naming
-*every* scope the operation needs, so one step-up is enough.  The policy
-engine may raise ``InsufficientScope`` too; the error responder builds the
-same challenge for both.
+Fires after parse and before authz.  ``scopes`` apply to every request on the
+mount (so ``tools/list`` and ``tools/call`` agree); which scopes a particular
+tool, resource or prompt needs is decided by the policy engine alone.  A
+caller whose token lacks any of them gets 403 ``insufficient_scope`` naming
+every scope the mount needs; the error responder builds the same challenge
+for the policy engine's step-ups.
 """
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
 from typing import Any
 
 from ..errors import InsufficientScope
@@ -18,16 +16,7 @@ from ..pipeline import Exchange
 
 
 def required_scopes(auth: Any, method: str | None, name: str | None) -> tuple[str, ...]:
-    need: dict[str, None] = dict.fromkeys(auth.scopes)
-    if method is not None:
-        for pattern, scopes in auth.method_scopes:
-            if fnmatchcase(method, pattern):
-                need.update(dict.fromkeys(scopes))
-        if method == "tools/call" and name is not None:
-            for pattern, scopes in auth.tool_scopes:
-                if fnmatchcase(name, pattern):
-                    need.update(dict.fromkeys(scopes))
-    return tuple(need)
+    return tuple(auth.scopes)
 
 
 class Scopes:
@@ -35,7 +24,7 @@ class Scopes:
 
     def __init__(self, config: Any) -> None:
         self._active = {n for n, s in config.servers.items()
-                        if s.auth is not None and (s.auth.scopes or s.auth.method_scopes or s.auth.tool_scopes)}
+                        if s.auth is not None and s.auth.scopes}
 
     @classmethod
     def make(cls, config: Any) -> "Scopes | None":
