@@ -114,7 +114,8 @@ class Gateway:
         store_ok = await self.store.ping()
         ok = store_ok and not self.shutting_down
         return ok, {"store": "ok" if store_ok else "unreachable", "config": self.config.path,
-                    "version": __version__, "shutting_down": self.shutting_down}
+                    "version": __version__, "shutting_down": self.shutting_down,
+                    "auth": self.authn.status()}
 
     # -- the request path ---------------------------------------------------------
 
@@ -179,7 +180,11 @@ async def serve(config: Config, *, reuse_port: bool = False, ready: asyncio.Even
                 stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``), then drain in-flight requests."""
     gw = Gateway(config)
-    await gw.start()
+    try:
+        await gw.start()
+    except BaseException:
+        await gw.close()
+        raise
     # handler_cancellation: a client disconnect must reach the upstream at once
     # (see Forwarder._client_gone), not at the next event the gateway writes.
     public = web.AppRunner(make_public_app(gw), shutdown_timeout=config.shutdown_grace,

@@ -156,6 +156,9 @@ class Forwarder:
             # The upstream's challenge names its own AS; relaying it would make
             # clients fetch upstream tokens and send them here (passthrough).
             self._count(server, "auth_refused")
+            provider = self._creds.get(server.name)
+            if provider is not None and hasattr(provider, "invalidate"):
+                provider.invalidate()    # a cached client-credentials token is fetched anew
             raise UpstreamAuthRefused("the upstream MCP server refused the gateway's credentials")
         if 300 <= status < 400:
             # A redirect names the upstream's own URL: relaying it would leak it and send
