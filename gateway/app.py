@@ -1,6 +1,6 @@
 """Builds the gateway and fixes the ONE order in which the stages run.
 
-Request path:  hygiene -> authn -> parse -> session -> authz -> pinning -> upstream
+Request path:  hygiene -> authn -> parse -> session -> scopes -> authz -> pinning -> upstream
 Response path: upstream -> pinning hook -> authz hook -> client   (reverse order)
 
 Ordering constraints:
@@ -11,6 +11,8 @@ Ordering constraints:
 - parse before session/authz: both decide on the JSON-RPC body, which parse
   has checked against the Mcp-Method/Mcp-Name headers.
 - session after authn: a session is bound to the principal that created it.
+- scopes (mount-wide, from the auth config) before authz: the cheapest refusal
+  first, and its 403 names the mount's scopes before any per-tool step-up.
 - authz before pinning: a refused tool must look like an unknown tool, so
   policy answers before pinning could reveal "held for review".  On the way
   back the order reverses, so pinning sees the upstream's whole tool list
@@ -28,11 +30,20 @@ from aiohttp import web
 
 from . import __version__
 from .admin import make_admin_app
+from .auth.challenge import www_authenticate
+from .auth.metadata import routes as auth_routes
+from .auth.upstream_creds import IDENTITY_HEADERS, make_credentials
 from .config.model import Config
-from .errors import GatewayError, InsufficientScope, UnknownMount
-from .pipeline import Exchange
+from .errors import GatewayError, InsufficientScope, UnknownMount, UpstreamUnavailable
+from .inspect.catalog import ToolCatalog
+from .inspect.tool_fetch import FetchError, fetch_tools
+from .stages.authn import Authn
+from .stages.authz import make_authz
 from .stages.hygiene import Hygiene
 from .stages.parse import Parse
+from .stages.pinning import make_pinning
+from .stages.scopes import Scopes
+from .pipeline import Exchange
 from .stages.session import Session
 from .store.redis import make_store
 from .store.sessions import SessionStore
@@ -49,9 +60,6 @@ class Gateway:
     """App resources, created in ``start`` and closed exactly once in ``close``."""
 
     def __init__(self, config: Config) -> None:
-        from .auth.upstream_creds import IDENTITY_HEADERS, make_credentials
-        from .stages.authn import Authn
-
         self.config = config
         self.store = make_store(config.store.kind, config.store.url, config.store.prefix)
         self.sessions = SessionStore(self.store, config.store.session_ttl)
@@ -60,37 +68,39 @@ class Gateway:
                             if (c := make_credentials(s, config)) is not None}
         self.forwarder = Forwarder(config, self.upstreams, self.sessions, self.credentials,
                                    IDENTITY_HEADERS)
+        # The last-seen tool definitions per server: pinning checks them, authz reads
+        # their annotations (destructiveHint) for tools/call.
+        self.catalog = ToolCatalog()
         self.authn = Authn(config, self)
-        self.stages: tuple[Any, ...] = (
+        pinning = make_pinning(config, self)
+        # A replica that has not relayed a listing yet fetches the live tools on demand.
+        self.refresh_tools = pinning.refresh_tools if pinning is not None else self._fetch_tools
+        stages: list[Any] = [
             Hygiene(config),
             self.authn,
             Parse(config),
             Session(self.sessions),
-            *self._policy_stages(),
-        )
+        ]
+        if (scopes := Scopes.make(config)) is not None:
+            stages.append(scopes)                 # mount-wide scopes: cheapest refusal first
+        stages.append(make_authz(config, self))
+        if pinning is not None:
+            stages.append(pinning)
+        self.stages: tuple[Any, ...] = tuple(stages)
         self.shutting_down = False
         self.started_at = time.time()
 
-    def _policy_stages(self) -> list[Any]:
-        """authz and pinning, when their modules are configured (see module docstring)."""
-        stages: list[Any] = []
-        # Scopes named in servers.<name>.auth (auth issue): after parse, before authz.
-        from .stages.scopes import Scopes
-        if (scopes := Scopes.make(self.config)) is not None:
-            stages.append(scopes)
+    async def _fetch_tools(self, ex: Exchange) -> None:
+        """Fill the catalog with ``ex.server``'s live tools (no pinning configured)."""
+        server = ex.server
+        provider = self.credentials.get(server.name)
+        headers = dict(await provider.headers(ex)) if provider is not None else {}
         try:
-            from .stages.authz import make_authz
-        except ImportError:
-            make_authz = None
-        if make_authz is not None and (stage := make_authz(self.config, self)) is not None:
-            stages.append(stage)
-        try:
-            from .stages.pinning import make_pinning
-        except ImportError:
-            make_pinning = None
-        if make_pinning is not None and (stage := make_pinning(self.config, self)) is not None:
-            stages.append(stage)
-        return stages
+            tools, _era = await fetch_tools(self.upstreams.clients[server.name], server.url, headers,
+                                            timeout=min(server.read_timeout, 30.0))
+        except FetchError as exc:
+            raise UpstreamUnavailable(f"could not read the upstream's tools: {exc}") from exc
+        self.catalog.update(server.name, tools)
 
     async def start(self) -> None:
         await self.store.start()
@@ -144,8 +154,7 @@ class Gateway:
         if ex is not None and ex.response_headers:
             headers.update(ex.response_headers)
         if isinstance(err, InsufficientScope) and ex is not None and "WWW-Authenticate" not in headers:
-            from .auth.challenge import www_authenticate
-            headers["WWW-Authenticate"] = www_authenticate(
+                headers["WWW-Authenticate"] = www_authenticate(
                 self.config, ex.server, error="insufficient_scope", scopes=err.scopes,
                 description="the operation needs additional scopes")
         if ex is not None:
@@ -166,12 +175,7 @@ def make_public_app(gw: Gateway) -> web.Application:
     app = web.Application(client_max_size=gw.config.limits.max_body_bytes)
     app.router.add_route("OPTIONS", "/mcp/{server}", gw.stages[0].preflight)
     app.router.add_route("*", "/mcp/{server}", gw.handle)
-    try:
-        from .auth.metadata import routes as auth_routes
-    except ImportError:
-        auth_routes = None
-    if auth_routes is not None:
-        app.router.add_routes(auth_routes(gw.config))
+    app.router.add_routes(auth_routes(gw.config))
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 

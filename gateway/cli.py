@@ -22,6 +22,9 @@ def _load(path: str, *, check_secrets: bool = True) -> Any:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config and everything it references; print every problem."""
+    from .inspect.pins_cli import check_pins
+    from .policy.cli import check_policies
+
     problems = []
     try:
         config = _load(args.config)
@@ -29,19 +32,16 @@ def cmd_check(args: argparse.Namespace) -> int:
         problems.extend(exc.problems)
         config = None
     if config is not None:
-        for module, func in (("gateway.policy.cli", "check_policies"), ("gateway.inspect.pins_cli", "check_pins")):
-            try:
-                mod = __import__(module, fromlist=[func])
-            except ImportError:
-                continue
-            checker = getattr(mod, func, None)
-            if checker is not None:
-                problems.extend(checker(config))
+        problems.extend(check_policies(config))
+        problems.extend(check_pins(config))
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
         print(f"{len(problems)} problem(s) found", file=sys.stderr)
         return 1
+    if config.policies_path is None:
+        print(f"{config.path}:1:1: warning: no 'policies:' configured: every tool, resource, prompt and "
+              "method call is refused (default deny; see docs/policy.md)", file=sys.stderr)
     print(f"{args.config}: OK ({len(config.servers)} server(s))")
     return 0
 
@@ -151,12 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-port", type=int, default=9464)
     p.set_defaults(func=cmd_demo)
 
-    for module in ("gateway.policy.cli", "gateway.inspect.pins_cli"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ImportError:
-            continue
-        mod.register(sub)
+    from .inspect import pins_cli
+    from .policy import cli as policy_cli
+
+    policy_cli.register(sub)
+    pins_cli.register(sub)
     return parser
 
 

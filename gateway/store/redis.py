@@ -37,6 +37,7 @@ class RedisStore:
         self._pubsub: Any = None
         self._listener_task: asyncio.Task[None] | None = None
         self._incr: Any = None
+        self._pending: set[asyncio.Task[Any]] = set()
 
     def _k(self, key: str) -> str:
         return self._prefix + key
@@ -109,9 +110,19 @@ class RedisStore:
             raise StoreError("redis publish failed") from exc
 
     def subscribe(self, channel: str, callback: Listener) -> None:
+        new_channel = channel not in self._subs
         self._subs.setdefault(channel, []).append(callback)
-        if self._client is not None and self._listener_task is None:
-            asyncio.get_running_loop().create_task(self._start_listener())
+        if self._client is None:
+            return          # start() subscribes every channel registered so far
+        loop = asyncio.get_running_loop()
+        if self._listener_task is None:
+            task = loop.create_task(self._start_listener())
+        elif new_channel:
+            task = loop.create_task(self._pubsub.subscribe(self._k(channel)))
+        else:
+            return
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _start_listener(self) -> None:
         if self._listener_task is not None:
