@@ -37,14 +37,35 @@ _SECRET_VALUE = re.compile(
 )
 
 
+# Every pattern above contains one of these; substring tests cost ~40 ns where the
+# regex costs ~0.4 µs per character, and almost no logged string holds any of them.
+_MARKERS = ("=", "@", "k-", "eyJ", "earer", "EARER", "gh", "xox", "AKIA", "AIza", "PRIVATE")
+
+
 def scrub(text: str) -> str:
     """Replace anything that looks like a credential inside ``text``."""
-    return _SECRET_VALUE.sub(REDACTED, text)
+    for marker in _MARKERS:
+        if marker in text:
+            return _SECRET_VALUE.sub(REDACTED, text)
+    return text
+
+
+_KEY_VERDICTS: dict[str, bool] = {}
+
+
+def sensitive_key(key: str) -> bool:
+    """Whether values under ``key`` are secrets; cached (keys come from a small set)."""
+    verdict = _KEY_VERDICTS.get(key)
+    if verdict is None:
+        verdict = key not in _SAFE_KEYS and bool(_SENSITIVE_KEY.search(key))
+        if len(_KEY_VERDICTS) < 4096:
+            _KEY_VERDICTS[key] = verdict
+    return verdict
 
 
 def redact_value(key: str, value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
-        if key not in _SAFE_KEYS and _SENSITIVE_KEY.search(key):
+        if sensitive_key(key):
             return REDACTED if value else value
         return scrub(value) if len(value) >= 8 else value
     if depth > 6:
@@ -62,10 +83,10 @@ def redact_processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[st
     """structlog processor: scrub every field of the event."""
     for key, value in event.items():
         if isinstance(value, str):
-            if key not in _SAFE_KEYS and _SENSITIVE_KEY.search(key):
+            if sensitive_key(key):
                 event[key] = REDACTED if value else value
             elif len(value) >= 8:
-                event[key] = _SECRET_VALUE.sub(REDACTED, value)
+                event[key] = scrub(value)
         elif not (value is None or isinstance(value, (int, float, bool))):
             event[key] = redact_value(key, value)
     return event
