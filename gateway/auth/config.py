@@ -177,6 +177,7 @@ def _issuer(r: Reader, ctx: dict[str, Any]) -> IssuerConfig | None:
     refresh = r.duration("jwks_refresh", 300.0, min=1.0)
     cooldown = r.duration("jwks_cooldown", 5.0)
     introspection = _introspection(r, ctx)
+    name_claim, groups_claim = r.str("name_claim"), r.str("groups_claim")
     if not issuer:
         return None
     required = tuple(dict.fromkeys(ALWAYS_REQUIRED + (subject_claim,) + extra_required))
@@ -186,7 +187,7 @@ def _issuer(r: Reader, ctx: dict[str, Any]) -> IssuerConfig | None:
         scope_claims=(scope_claim,) if scope_claim else ("scope", "scp"),
         subject_claim=subject_claim,
         client_claims=(client_claim,) if client_claim else ("client_id", "azp"),
-        name_claim=r.str("name_claim"), groups_claim=r.str("groups_claim"),
+        name_claim=name_claim, groups_claim=groups_claim,
         jwks_refresh=refresh, jwks_cooldown=cooldown, introspection=introspection, loc=r.loc,
     )
 
