@@ -1,0 +1,313 @@
+"""Deterministic per-request cost: CPU instructions counted by valgrind's callgrind.
+
+Wall-clock and CPU-time figures on a shared 2-core box move by 2x between runs; the
+number of instructions a process executes to serve one request does not (±0.5 %).
+This runs one target (the bare proxy or the gateway with some config) under
+``valgrind --tool=callgrind --instr-atstart=no``, opens an MCP session through it,
+warms it up, switches instrumentation on, sends ``-n`` identical-shape
+``tools/call echo`` requests (unique ids) over ``-c`` keep-alive connections,
+dumps, and prints instructions (Ir) and system calls per request.  Only the
+target is counted: the upstream and this client run natively.
+
+    .venv/bin/python -m bench.instr -t bare,gateway,gateway-allow,gateway-jwt -n 300
+
+Targets: ``bare`` (bench/bare_proxy.py, uvloop), ``gateway`` (bench/policy.yaml, tofu
+pinning, audit and metrics on, auth none: the bench's config), ``gateway-allow``
+(allow-all policy, pinning off, audit off), ``gateway-jwt`` (``gateway`` + RS256 JWT
+with a warm verified-token cache).  ``--keep`` keeps the callgrind files for
+``callgrind_annotate``; ``-c 16`` spreads the requests over 16 connections (more
+work per event-loop iteration, as under load).
+
+Attribution helpers: ``--profiler cprofile`` runs the target natively and saves a
+cProfile of just the counted requests (call counts are exact, times are not);
+``--preload FILE`` executes FILE in the target before it starts, to measure a
+change (a monkeypatch) without editing the tree.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from .issuer import LocalIssuer
+from .mcp import McpSession, request_headers
+from .procs import free_port
+from .targets import POLICY, SERVER_NAME
+
+ROOT = Path(__file__).resolve().parent.parent
+ALLOW_ALL = {"servers": {"*": {"default": "allow", "destructive": "allow",
+                               "methods": [{"id": "all", "match": ["**"]}]}}}
+TARGETS = ("bare", "gateway", "gateway-allow", "gateway-jwt")
+
+
+async def _read_line(proc: asyncio.subprocess.Process, prefix: str, timeout: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        line = await asyncio.wait_for(proc.stdout.readline(), max(0.1, deadline - time.monotonic()))
+        if not line:
+            raise RuntimeError(f"process exited before printing {prefix!r}")
+        text = line.decode(errors="replace")
+        if text.startswith(prefix):
+            return text[len(prefix):]
+
+
+async def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    if r.status == 200:
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
+
+
+def _request_bytes(path: str, host: str, headers: dict[str, str], rpc_id: int) -> bytes:
+    body = ('{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"echo",'
+            '"arguments":{"text":"hello"}}}' % rpc_id).encode()
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def _conn_loop(host: str, port: int, path: str, headers: dict[str, str], ids: range) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        for rpc_id in ids:
+            writer.write(_request_bytes(path, f"{host}:{port}", headers, rpc_id))
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            if m is None:
+                raise RuntimeError(f"no Content-Length in {head!r}")
+            body = await reader.readexactly(int(m.group(1)))
+            if status != 200 or b'"result"' not in body:
+                raise RuntimeError(f"HTTP {status}: {body[:300]!r}")
+    finally:
+        writer.close()
+
+
+async def _load(url: str, headers: dict[str, str], n: int, conc: int, first_id: int) -> None:
+    u = aiohttp.client.URL(url)
+    per = n // conc
+    await asyncio.gather(*(
+        _conn_loop(u.host, u.port, u.path, headers, range(first_id + i * per, first_id + (i + 1) * per))
+        for i in range(conc)))
+
+
+def _callgrind_control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+
+
+def _totals(path: str) -> dict[str, int]:
+    events: list[str] = []
+    with open(path) as f:
+        for line in f:
+            if line.startswith("events:"):
+                events = line.split()[1:]
+            elif line.startswith(("summary:", "totals:")):
+                return dict(zip(events, map(int, line.split()[1:])))
+    raise RuntimeError(f"no totals in {path}")
+
+
+def _gateway_config(work: Path, upstream: str, kind: str, issuer: LocalIssuer | None) -> tuple[Path, int, int]:
+    port, admin = free_port(), free_port()
+    cfg: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "admin": {"host": "127.0.0.1", "port": admin},
+        "public_url": f"http://127.0.0.1:{port}",
+        "store": "memory",
+        "auth": {"mode": "none"},
+        "policies": str(POLICY),
+        "pins": str(work / "pins"),
+        "servers": {SERVER_NAME: {"url": upstream + "/mcp"}},
+    }
+    if kind == "gateway-allow":
+        policy = work / "allow-all.yaml"
+        policy.write_text(yaml.safe_dump(ALLOW_ALL))
+        cfg["policies"] = str(policy)
+        cfg["servers"][SERVER_NAME]["pinning"] = {"mode": "off"}
+        cfg["logging"] = {"audit": False}
+    if kind == "gateway-jwt":
+        assert issuer is not None
+        cfg["auth"] = {"issuers": [{"issuer": issuer.issuer, "jwks_uri": issuer.jwks_uri}]}
+    (work / "pins").mkdir(exist_ok=True)
+    path = work / f"{kind}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path, port, admin
+
+
+def _wrapped(argv: list[str]) -> None:
+    """``_cprofile OUT -m module args...``: run a module; SIGUSR1 starts cProfile, SIGUSR2 saves it."""
+    import cProfile
+    import runpy
+
+    out, rest = argv[0], argv[1:]
+    prof = cProfile.Profile()
+    signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+    signal.signal(signal.SIGUSR2, lambda *_: (prof.disable(), prof.dump_stats(out)))
+    if rest[:2] == ["-m", "bench.instr"]:
+        main(rest[2:])
+        return
+    sys.argv = [rest[1], *rest[2:]]
+    runpy.run_module(rest[1], run_name="__main__", alter_sys=True)
+
+
+def _preloaded(argv: list[str]) -> None:
+    """``_preload FILE -m module args...``: exec FILE (an experiment's patches), then run the module."""
+    import runpy
+
+    path, module, rest = argv[0], argv[2], argv[3:]
+    exec(compile(Path(path).read_text(), path, "exec"), {"__name__": "__preload__"})
+    sys.argv = [module, *rest]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+async def measure(kind: str, upstream: str, work: Path, n: int, conc: int, warmup: int,
+                  issuer: LocalIssuer | None, python: str, keep: bool,
+                  profiler: str = "callgrind", preload: str | None = None) -> dict[str, Any]:
+    module = ["-m", "bench.instr", "_preload", preload, "-m"] if preload else ["-m"]
+    if profiler == "cprofile":
+        out_file = work / f"cprofile.{kind}.prof"
+        run = [python, "-m", "bench.instr", "_cprofile", str(out_file), *module]
+    else:
+        out_file = work / f"callgrind.{kind}.out"
+        run = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-systime=yes",
+               f"--callgrind-out-file={out_file}", python, *module]
+    log = open(work / f"{kind}.log", "wb")
+    extra: dict[str, str] = {}
+    if kind == "bare":
+        argv = [*run, "bench.bare_proxy", "--uvloop", "--upstream", upstream]
+        proc = await asyncio.create_subprocess_exec(*argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=log)
+        port = json.loads(await _read_line(proc, "BENCH_READY ", 600))["port"]
+        url = f"http://127.0.0.1:{port}/mcp"
+    else:
+        cfg, port, admin = _gateway_config(work, upstream, kind, issuer)
+        argv = [*run, "gateway", "serve", "-c", str(cfg)]
+        proc = await asyncio.create_subprocess_exec(*argv, cwd=ROOT, stdout=log, stderr=log)
+        await _wait_http(f"http://127.0.0.1:{admin}/readyz", 600)
+        url = f"http://127.0.0.1:{port}/mcp/{SERVER_NAME}"
+        if issuer is not None and kind == "gateway-jwt":
+            extra["Authorization"] = "Bearer " + issuer.mint(url)
+    totals: dict[str, int] = {}
+    dumps: list[str] = []
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
+            sess = await McpSession(url, extra).open(http)
+            await sess.preflight(http)
+        msg = {"method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hello"}}}
+        headers = request_headers(msg, sess.session_id, extra)
+        await _load(url, headers, warmup, conc, 1_000_000)
+        if profiler == "cprofile":
+            proc.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(0.2)
+            await _load(url, headers, n, conc, 2_000_000)
+            proc.send_signal(signal.SIGUSR2)
+            await asyncio.sleep(1.0)
+            dumps = [str(out_file)]
+        else:
+            for f in glob.glob(f"{out_file}*"):
+                os.unlink(f)
+            _callgrind_control("-i", "on", str(proc.pid))
+            _callgrind_control("-z", str(proc.pid))
+            await _load(url, headers, n, conc, 2_000_000)
+            _callgrind_control("-d", str(proc.pid))
+            _callgrind_control("-i", "off", str(proc.pid))
+            dumps = sorted(glob.glob(f"{out_file}*"))
+            totals = _totals(dumps[-1])
+            if not keep:
+                for f in dumps:
+                    os.unlink(f)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 120)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+        log.close()
+    served = (n // conc) * conc
+    return {"target": kind, "requests": served, "conc": conc, "Ir": totals.get("Ir", 0),
+            "Ir/req": totals.get("Ir", 0) / served, "sys/req": totals.get("sysCount", 0) / served,
+            "file": dumps[-1] if (keep or profiler == "cprofile") and dumps else None}
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    work = Path(args.work or tempfile.mkdtemp(prefix="instr-"))
+    work.mkdir(parents=True, exist_ok=True)
+    up = await asyncio.create_subprocess_exec(args.python, "-m", "bench.upstream", "--port", "0", cwd=ROOT,
+                                              stdout=asyncio.subprocess.PIPE)
+    issuer = None
+    results = []
+    try:
+        upstream = f"http://127.0.0.1:{json.loads(await _read_line(up, 'BENCH_READY ', 60))['port']}"
+        if "gateway-jwt" in args.targets:
+            issuer = await LocalIssuer.start()
+        for kind in args.targets:
+            r = await measure(kind, upstream, work, args.n, args.conc, args.warmup, issuer, args.python,
+                              args.keep, args.profiler, args.preload)
+            results.append(r)
+            print(f"{r['target']:14} c={r['conc']:<3} n={r['requests']:<5} Ir/req={r['Ir/req']:>10,.0f}  "
+                  f"syscalls/req={r['sys/req']:.2f}" + (f"  {r['file']}" if r["file"] else ""), flush=True)
+    finally:
+        if issuer is not None:
+            await issuer.close()
+        up.send_signal(signal.SIGTERM)
+        await up.wait()
+    base = next((r for r in results if r["target"] == "bare"), None)
+    if base is not None and base["Ir/req"]:
+        for r in results:
+            if base["Ir/req"]:
+                print(f"{r['target']:14} {r['Ir/req'] / base['Ir/req']:.3f} x bare")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_cprofile"]:
+        _wrapped(argv[1:])
+        return
+    if argv[:1] == ["_preload"]:
+        _preloaded(argv[1:])
+        return
+    ap = argparse.ArgumentParser(prog="python -m bench.instr", description=__doc__.split("\n")[0])
+    ap.add_argument("-t", "--targets", default="bare,gateway",
+                    type=lambda s: [t for t in s.split(",") if t])
+    ap.add_argument("-n", type=int, default=300, help="requests counted")
+    ap.add_argument("-c", "--conc", type=int, default=1, help="keep-alive connections in parallel")
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--work", help="directory for configs, logs and callgrind files")
+    ap.add_argument("--keep", action="store_true", help="keep the callgrind output files")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--preload", help="a Python file executed in the target before it starts (experiments)")
+    ap.add_argument("--profiler", choices=("callgrind", "cprofile"), default="callgrind",
+                    help="cprofile: no valgrind; saves a cProfile of the counted requests instead")
+    args = ap.parse_args(argv)
+    unknown = set(args.targets) - set(TARGETS)
+    if unknown:
+        ap.error(f"unknown targets {sorted(unknown)}; known: {', '.join(TARGETS)}")
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
