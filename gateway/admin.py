@@ -8,6 +8,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
+from .telemetry.metrics import flush as flush_metrics
+
 
 def _registry() -> Any:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -31,6 +33,7 @@ def make_admin_app(readiness: Callable[[], Any]) -> web.Application:
                                  status=200 if ok else 503)
 
     async def metrics(_request: web.Request) -> web.Response:
+        flush_metrics()     # the request path tallies; see telemetry.metrics
         body = generate_latest(_registry())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

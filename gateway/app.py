@@ -21,6 +21,7 @@ Ordering constraints:
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from typing import Any
@@ -48,6 +49,7 @@ from .stages.session import Session
 from .store.redis import make_store
 from .store.sessions import SessionStore
 from .telemetry import audit
+from .telemetry import metrics
 from .telemetry.metrics import count_rejection
 from .upstream import Forwarder, Upstreams, error_body
 
@@ -214,6 +216,10 @@ async def serve(config: Config, *, reuse_port: bool = False, ready: asyncio.Even
         loop.add_signal_handler(signal.SIGHUP, reload_files)
     except (NotImplementedError, RuntimeError):
         pass
+    # --workers: the tallied per-request metrics reach the shared multiprocess files
+    # once a second (a single process flushes when /metrics is rendered).
+    flusher = (asyncio.ensure_future(metrics.flush_every(1.0))
+               if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None)
     try:
         site = web.TCPSite(public, config.listen.host, config.listen.port, reuse_port=reuse_port)
         await site.start()
@@ -234,5 +240,8 @@ async def serve(config: Config, *, reuse_port: bool = False, ready: asyncio.Even
         await public.cleanup()
         await admin.cleanup()
         await gw.close()
+        if flusher is not None:
+            flusher.cancel()
+        metrics.flush()
         audit.WRITER.flush()
         log.info("gateway.stopped")

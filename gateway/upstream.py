@@ -25,7 +25,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .inspect.sse import SSEFramer, SSETooLarge, encode_event
-from .telemetry.metrics import BOUND, SESSIONS, SSE_EVENTS, UPSTREAM_ERRORS
+from .telemetry.metrics import BOUND, SESSIONS, SSE_EVENTS_TALLY, UPSTREAM_ERRORS
 
 if TYPE_CHECKING:
     from .config.model import Config, ServerConfig
@@ -288,7 +288,8 @@ class Forwarder:
         await out.prepare(ex.request)
         framer = SSEFramer(self._event_limit)
         hooks = bool(ex.response_hooks)
-        sse_counter = BOUND.get(SSE_EVENTS, ex.server.name)
+        sse_events = SSE_EVENTS_TALLY.pending
+        sse_key = (ex.server.name,)
         content = resp.content
         while True:
             try:
@@ -318,7 +319,7 @@ class Forwarder:
                     await out.write(data)
                 except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                     return out, self._client_gone(ex, resp)
-                sse_counter.inc()
+                sse_events[sse_key] = sse_events.get(sse_key, 0) + 1
         if framer.pending:
             # Closed mid-event: the half event is dropped, never forwarded.
             self._count(ex.server, "stream_broken")

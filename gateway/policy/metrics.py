@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
+from ..telemetry.metrics import Tally
+
 POLICY_DECISIONS = Counter(
     "mcpgw_policy_decisions_total",
     "Authorization decisions on calls (tools/call, resources/read, prompts/get, other methods), "
     "by server, effect (allow, deny, step_up) and reason.",
     ["server", "effect", "reason"],
 )
+DECISIONS_TALLY = Tally(POLICY_DECISIONS)   # (server, effect, reason): counted on every call
 POLICY_HIDDEN = Counter(
     "mcpgw_policy_hidden_items_total",
     "Tools, resources, templates and prompts removed from list results for the caller, by server.",

@@ -28,7 +28,7 @@ from ..errors import GatewayError, InsufficientScope, PolicyDenied
 from ..inspect.catalog import ToolCatalog
 from ..policy.decide import ALLOWED, ANY, STEP_UP, UNKNOWN, Decision, decide, decide_template
 from ..policy.load import load_policies_strict
-from ..policy.metrics import POLICY_DECISIONS, POLICY_HIDDEN
+from ..policy.metrics import DECISIONS_TALLY, POLICY_HIDDEN
 from ..policy.model import EMPTY, METHODS, PROMPTS, RESOURCES, TOOLS, PolicySet
 from ..policy.reload import PolicyHolder, PolicyWatcher
 from ..telemetry.metrics import BOUND
@@ -143,7 +143,7 @@ class Authz:
         ex.audit["policy"] = policies.digest[:12]
         if d.scopes:
             ex.audit["required_scopes"] = list(d.scopes)
-        BOUND.get(POLICY_DECISIONS, ex.server.name, d.effect, d.reason).inc()
+        DECISIONS_TALLY.inc((ex.server.name, d.effect, d.reason))
 
 
 def _annotations_matter(policies: PolicySet, ex: "Exchange", name: str, arguments: Any) -> bool:

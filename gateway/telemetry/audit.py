@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from .metrics import BOUND, INFLIGHT, REQUEST_DURATION, REQUESTS, method_label
+from .metrics import DURATION_TALLY, INFLIGHT_LEVEL, KNOWN_METHODS, REQUESTS_TALLY
 from .redact import redact_value
 
 if TYPE_CHECKING:
@@ -64,16 +64,25 @@ WRITER = AuditWriter()
 _SCRUB = ("target", "principal", "issuer", "client_id")
 
 
+_INFLIGHT = INFLIGHT_LEVEL.levels
+_REQUESTS = REQUESTS_TALLY.pending
+
+
 def start(ex: "Exchange") -> None:
-    BOUND.get(INFLIGHT, ex.server.name).inc()
+    key = (ex.server.name,)
+    _INFLIGHT[key] = _INFLIGHT.get(key, 0) + 1
 
 
 def finish(ex: "Exchange", enabled: bool = True) -> None:
     elapsed = time.perf_counter() - ex.started
     server = ex.server.name
-    BOUND.get(REQUESTS, server, method_label(ex.method), str(ex.status)).inc()
-    BOUND.get(REQUEST_DURATION, server).observe(elapsed)
-    BOUND.get(INFLIGHT, server).dec()
+    # The metrics (tallies: telemetry.metrics), inlined: this runs for every request.
+    key = (server,)
+    _INFLIGHT[key] -= 1
+    DURATION_TALLY.observe(key, elapsed)
+    method = ex.method
+    key = (server, method if method in KNOWN_METHODS else ("none" if method is None else "other"), ex.status)
+    _REQUESTS[key] = _REQUESTS.get(key, 0) + 1
     if not enabled:
         return
     p = ex.principal

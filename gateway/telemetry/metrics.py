@@ -4,9 +4,19 @@ Every label value comes from a closed set (server names from config, methods
 from the MCP method list or ``other``, reasons from the error hierarchy), so
 no request data, token or tool text can reach a label.  Label children are
 bound once and cached: a ``.labels()`` lookup costs ~3 µs, a cached child ~1 µs.
+
+The per-request series (requests, duration, in-flight, policy decisions) are
+*tallied*: the request path adds to plain numbers in a dict (no lock, no
+bucket loop), and ``flush()`` moves the tallies into the prometheus_client
+metrics, so the exported metrics are the same ones.  ``/metrics`` flushes
+before it renders, so a single process is always exact; with ``--workers``
+every worker also flushes once a second (``flush_every``) into the shared
+multiprocess files, so another worker's counts may be up to that long behind.
 """
 from __future__ import annotations
 
+import asyncio
+from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -37,11 +47,12 @@ REQUESTS = Counter(
     "mcpgw_requests_total", "Client requests handled, by server, MCP method and HTTP status.",
     ["server", "method", "status"],
 )
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 REQUEST_DURATION = Histogram(
     "mcpgw_request_duration_seconds",
     "Time from request arrival to the end of the response (streams included), by server.",
     ["server"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    buckets=DURATION_BUCKETS,
 )
 REJECTIONS = Counter(
     "mcpgw_rejections_total", "Requests answered by the gateway itself, by server and reason.",
@@ -83,6 +94,107 @@ class Bound:
 
 
 BOUND = Bound()
+
+
+class Tally:
+    """Counter increments kept as plain numbers per label tuple until ``flush``.
+
+    The hot path does ``t.pending[labels] = t.pending.get(labels, 0) + n`` (or
+    ``t.inc(labels)``); every label value must already be from a closed set.
+    """
+
+    __slots__ = ("metric", "pending")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.pending: dict[tuple[str, ...], float] = {}
+        _TALLIES.append(self)
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        pending = self.pending
+        pending[labels] = pending.get(labels, 0) + amount
+
+    def flush(self) -> None:
+        items = list(self.pending.items())
+        self.pending.clear()     # in place: the hot path may hold a reference to the dict
+        for labels, amount in items:
+            BOUND.get(self.metric, *map(str, labels)).inc(amount)   # e.g. an int status
+
+
+class LevelTally:
+    """A gauge's level per label tuple (``+1``/``-1`` on the hot path), ``set`` on flush."""
+
+    __slots__ = ("metric", "levels")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.levels: dict[tuple[str, ...], float] = {}
+        _TALLIES.append(self)
+
+    def flush(self) -> None:
+        for labels, level in list(self.levels.items()):
+            BOUND.get(self.metric, *map(str, labels)).set(level)
+
+
+class HistogramTally:
+    """Observations per label tuple as ``[sum, count per bucket...]``, added to the histogram on flush.
+
+    A value goes to the first bucket whose upper bound is >= it, as
+    ``Histogram.observe`` does; the last bound is +Inf.
+    """
+
+    __slots__ = ("metric", "bounds", "pending")
+
+    def __init__(self, metric: Any, buckets: tuple[float, ...]) -> None:
+        self.metric = metric
+        self.bounds = (*(float(b) for b in buckets), float("inf"))
+        self.pending: dict[tuple[str, ...], list[float]] = {}
+        _TALLIES.append(self)
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        rec = self.pending.get(labels)
+        if rec is None:
+            rec = self.pending[labels] = [0.0] * (len(self.bounds) + 1)
+        rec[0] += value
+        rec[1 + bisect_left(self.bounds, value)] += 1
+
+    def flush(self) -> None:
+        items = list(self.pending.items())
+        self.pending.clear()
+        for labels, rec in items:
+            child = BOUND.get(self.metric, *map(str, labels))
+            # prometheus_client keeps one non-cumulative value per bucket plus the sum
+            # (Histogram.observe does _sum.inc and one _buckets[i].inc(1)).
+            child._sum.inc(rec[0])
+            for i, n in enumerate(rec[1:]):
+                if n:
+                    child._buckets[i].inc(n)
+
+
+_TALLIES: list[Any] = []
+
+
+def flush() -> None:
+    """Move every tally into its prometheus_client metric (before rendering /metrics)."""
+    for tally in _TALLIES:
+        tally.flush()
+
+
+async def flush_every(seconds: float) -> None:
+    """For ``--workers``: keep the shared multiprocess files at most ``seconds`` behind."""
+    try:
+        while True:
+            await asyncio.sleep(seconds)
+            flush()
+    finally:
+        flush()
+
+
+# The per-request series, tallied (see the module docstring).
+REQUESTS_TALLY = Tally(REQUESTS)                    # (server, method label, status as int)
+DURATION_TALLY = HistogramTally(REQUEST_DURATION, DURATION_BUCKETS)   # (server,)
+INFLIGHT_LEVEL = LevelTally(INFLIGHT)               # (server,)
+SSE_EVENTS_TALLY = Tally(SSE_EVENTS)                # (server,)
 
 
 def count_rejection(server: str, reason: str) -> None:

@@ -1,0 +1,95 @@
+"""Tallied metrics export exactly what direct prometheus_client calls would have."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.telemetry import metrics
+from gateway.telemetry.metrics import DURATION_BUCKETS, HistogramTally, LevelTally, Tally
+
+
+def _samples(registry: CollectorRegistry) -> dict[str, float]:
+    """Every sample but the ``_created`` timestamps, keyed by name and labels."""
+    return {s.name + str(sorted(s.labels.items())): s.value for m in registry.collect() for s in m.samples
+            if not s.name.endswith("_created")}
+
+
+def _pair(registry_a: CollectorRegistry, registry_b: CollectorRegistry) -> tuple[Counter, Counter]:
+    return (Counter("t_requests", "doc", ["server", "status"], registry=registry_a),
+            Counter("t_requests", "doc", ["server", "status"], registry=registry_b))
+
+
+def test_counter_tally_matches_direct_increments() -> None:
+    direct_reg, tally_reg = CollectorRegistry(), CollectorRegistry()
+    direct, tallied = _pair(direct_reg, tally_reg)
+    tally = Tally(tallied)
+    try:
+        for server, status in [("a", 200), ("a", 200), ("b", 404), ("a", 500)]:
+            direct.labels(server, str(status)).inc()
+            tally.inc((server, status))          # ints become label strings on flush
+        tally.flush()
+        tally.flush()                            # idempotent: nothing pending twice
+        assert _samples(direct_reg) == _samples(tally_reg)
+        assert tally.pending == {}
+    finally:
+        metrics._TALLIES.remove(tally)
+
+
+def test_histogram_tally_matches_observe_bucket_for_bucket() -> None:
+    direct_reg, tally_reg = CollectorRegistry(), CollectorRegistry()
+    direct = Histogram("t_seconds", "doc", ["server"], buckets=DURATION_BUCKETS, registry=direct_reg)
+    tallied = Histogram("t_seconds", "doc", ["server"], buckets=DURATION_BUCKETS, registry=tally_reg)
+    tally = HistogramTally(tallied, DURATION_BUCKETS)
+    rng = random.Random(7)
+    values = [0.0, 0.0005, 0.001, 300.0, 301.0, *DURATION_BUCKETS] + [rng.expovariate(50) for _ in range(500)]
+    try:
+        for i, v in enumerate(values):
+            server = "a" if i % 3 else "b"
+            direct.labels(server).observe(v)
+            tally.observe((server,), v)
+            if i == 250:
+                tally.flush()                    # flushing midway changes nothing
+        tally.flush()
+        got, want = _samples(tally_reg), _samples(direct_reg)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert abs(got[key] - value) < 1e-9, key
+    finally:
+        metrics._TALLIES.remove(tally)
+
+
+def test_level_tally_sets_the_gauge() -> None:
+    reg = CollectorRegistry()
+    gauge = Gauge("t_inflight", "doc", ["server"], registry=reg)
+    level = LevelTally(gauge)
+    try:
+        level.levels[("a",)] = 3
+        level.flush()
+        assert reg.get_sample_value("t_inflight", {"server": "a"}) == 3
+        level.levels[("a",)] -= 3
+        level.flush()
+        assert reg.get_sample_value("t_inflight", {"server": "a"}) == 0
+    finally:
+        metrics._TALLIES.remove(level)
+
+
+async def test_flush_every_flushes_periodically_and_on_cancel() -> None:
+    reg = CollectorRegistry()
+    counter = Counter("t_periodic", "doc", ["server"], registry=reg)
+    tally = Tally(counter)
+    try:
+        tally.inc(("a",))
+        task = asyncio.ensure_future(metrics.flush_every(0.01))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if reg.get_sample_value("t_periodic_total", {"server": "a"}) == 1:
+                break
+        assert reg.get_sample_value("t_periodic_total", {"server": "a"}) == 1
+        tally.inc(("a",))
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert reg.get_sample_value("t_periodic_total", {"server": "a"}) == 2
+    finally:
+        metrics._TALLIES.remove(tally)
