@@ -68,7 +68,7 @@ class Exchange:
     __slots__ = (
         "request", "server", "started", "era", "protocol_version", "principal", "token",
         "body", "message", "rpc_id", "method", "name", "arguments", "is_request",
-        "session", "upstream_session_id", "response_hooks", "audit", "status",
+        "session", "upstream_session_id", "response_hooks", "audit", "audit_safe", "status",
         "outcome", "reason", "upstream_status", "extra_upstream_headers", "response_headers",
     )
 
@@ -91,8 +91,11 @@ class Exchange:
         self.session: "SessionRecord | None" = None
         self.upstream_session_id: str | None = None
         self.response_hooks: list[ResponseHook] = []
-        # Fields added to the request's audit record (decisions, rule ids...).
+        # Fields added to the request's audit record: ``audit`` is redacted like any log
+        # field; ``audit_safe`` holds only closed-set values (the policy decision) and
+        # is written as it is.
         self.audit: dict[str, Any] = {}
+        self.audit_safe: dict[str, Any] | None = None
         self.status = 0
         self.outcome = "ok"
         self.reason = ""

@@ -90,9 +90,9 @@ async def test_what_the_stage_decides(stage: Authz, principal: Principal, method
 async def test_the_decision_goes_into_the_audit_record(stage: Authz) -> None:
     ex = exchange(NOBODY, "tools/call", {"name": "read_file"})
     await outcome(stage, ex)
-    assert ex.audit["decision"] == "step_up" and ex.audit["rules"] == ["read"]
-    assert ex.audit["decision_reason"] == "missing_scopes" and ex.audit["required_scopes"] == ["read"]
-    assert len(ex.audit["policy"]) == 12
+    assert ex.audit_safe["decision"] == "step_up" and ex.audit_safe["rules"] == ["read"]
+    assert ex.audit_safe["decision_reason"] == "missing_scopes" and ex.audit_safe["required_scopes"] == ["read"]
+    assert len(ex.audit_safe["policy"]) == 12
 
 
 def page(*names: str, cursor: str | None = None) -> dict[str, Any]:
@@ -111,7 +111,7 @@ async def test_every_page_is_filtered_and_the_cursor_kept(stage: Authz) -> None:
         second = hook(ex, page("echo", "secret_tool"))
         assert [t["name"] for t in first["result"]["tools"] + second["result"]["tools"]] == visible
         assert first["result"]["nextCursor"] == "c1"
-        assert ex.audit["decision"] == "filter" and ex.audit["hidden"] == 4 - len(visible)
+        assert ex.audit_safe["decision"] == "filter" and ex.audit["hidden"] == 4 - len(visible)
 
 
 async def test_the_hook_leaves_other_messages_alone_and_drops_malformed_entries(stage: Authz) -> None:

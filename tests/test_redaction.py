@@ -77,3 +77,59 @@ def test_the_audit_writer_batches_whole_lines() -> None:
     writer.write(b'{"b":2}')
     writer.flush()
     assert stream.getvalue() == b'{"a":1}\n{"b":2}\n'
+
+
+def _audit_line(monkeypatch: pytest.MonkeyPatch, **attrs: object) -> dict[str, object]:
+    """The audit record ``audit.finish`` writes for an exchange with ``attrs`` set."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from gateway.pipeline import Exchange
+    from gateway.telemetry import audit
+
+    stream = io.BytesIO()
+    monkeypatch.setattr(audit, "WRITER", AuditWriter(stream))
+    server = type("S", (), {"name": "a"})()
+    ex = Exchange(make_mocked_request("POST", "/mcp/a"), server)   # type: ignore[arg-type]
+    for name, value in attrs.items():
+        setattr(ex, name, value)
+    audit.start(ex)
+    audit.finish(ex)
+    audit.WRITER.flush()
+    return orjson.loads(stream.getvalue())
+
+
+@pytest.mark.parametrize("field", ["principal", "issuer", "client_id"])
+def test_the_audit_record_scrubs_token_claims(monkeypatch: pytest.MonkeyPatch, field: str) -> None:
+    from gateway.pipeline import Principal
+
+    attr = {"principal": "name", "issuer": "issuer", "client_id": "client_id"}[field]
+    for _ in range(2):      # the second time from the memo
+        kwargs = {"issuer": "https://as.example", "subject": "s", attr: f"Bearer {JWT}"}
+        p = Principal(**kwargs)   # type: ignore[arg-type]
+        line = _audit_line(monkeypatch, principal=p, status=200)
+        assert JWT not in orjson.dumps(line).decode() and REDACTED in line[field]
+
+
+def test_the_audit_record_scrubs_client_text_and_stage_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    for _ in range(2):
+        line = _audit_line(monkeypatch, method=f"x {JWT}", name=f"t {JWT}",
+                           audit={"pinning": [{"tool": f"sk-{'a' * 20}"}], "api_key": "short"},
+                           audit_safe={"decision": "allow", "rules": ["r1"]})
+        text = orjson.dumps(line).decode()
+        assert JWT not in text and "a" * 20 not in text
+        assert line["api_key"] == REDACTED and line["decision"] == "allow" and line["rules"] == ["r1"]
+        assert line["event"] == "mcp.request" and line["server"] == "a"
+        assert isinstance(line["ts"], float) and isinstance(line["duration_ms"], float)
+
+
+def test_scrub_text_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.telemetry import redact
+
+    monkeypatch.setattr(redact, "_MEMO", {})
+    for i in range(redact._MEMO_MAX + 10):
+        assert redact.scrub_text(f"tool-name-{i}") == f"tool-name-{i}"
+    assert len(redact._MEMO) <= redact._MEMO_MAX
+    long_text = "x" * (redact._MEMO_TEXT_MAX + 1)
+    assert redact.scrub_text(long_text) == long_text and long_text not in redact._MEMO
+    assert redact.scrub_text("short") == "short"
+    assert REDACTED in redact.scrub_text(f"Bearer {JWT}") and REDACTED in redact.scrub_text(f"Bearer {JWT}")

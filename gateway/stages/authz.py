@@ -110,8 +110,7 @@ class Authz:
         listing = LISTS.get(method)
         if listing is not None:
             ex.response_hooks.append(ListFilter(policies, self.catalog, *listing))
-            ex.audit["decision"] = "filter"
-            ex.audit["policy"] = policies.digest[:12]
+            ex.audit_safe = {"decision": "filter", "policy": policies.digest[:12]}
             return
         kind, name, arguments = target(method, ex.message)
         annotations = UNKNOWN
@@ -137,12 +136,13 @@ class Authz:
 
     @staticmethod
     def _record(ex: "Exchange", d: Decision, policies: PolicySet) -> None:
-        ex.audit["decision"] = d.effect
-        ex.audit["decision_reason"] = d.reason
-        ex.audit["rules"] = list(d.rules)
-        ex.audit["policy"] = policies.digest[:12]
+        # Closed sets only (effects, reasons, and rule ids and scopes from the policy
+        # files): the audit writes them without redaction.
+        safe = {"decision": d.effect, "decision_reason": d.reason, "rules": list(d.rules),
+                "policy": policies.digest[:12]}
         if d.scopes:
-            ex.audit["required_scopes"] = list(d.scopes)
+            safe["required_scopes"] = list(d.scopes)
+        ex.audit_safe = safe
         DECISIONS_TALLY.inc((ex.server.name, d.effect, d.reason))
 
 

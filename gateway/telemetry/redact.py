@@ -50,6 +50,26 @@ def scrub(text: str) -> str:
     return text
 
 
+# Texts seen before and what scrub() made of them.  Most logged strings repeat (tool
+# names, principals, issuers, rule ids), so a dict lookup replaces the marker scan.
+# Bounded in entries and in text length: clients choose some of these strings.
+_MEMO: dict[str, str] = {}
+_MEMO_MAX = 4096
+_MEMO_TEXT_MAX = 256
+
+
+def scrub_text(text: str) -> str:
+    """``scrub(text)`` for texts of 8 characters or more, ``text`` itself for shorter ones; memoised."""
+    out = _MEMO.get(text)
+    if out is None:
+        out = scrub(text) if len(text) >= 8 else text
+        if len(text) <= _MEMO_TEXT_MAX:
+            if len(_MEMO) >= _MEMO_MAX:
+                _MEMO.clear()       # a client cycling through names costs a rescan, never memory
+            _MEMO[text] = out
+    return out
+
+
 _KEY_VERDICTS: dict[str, bool] = {}
 
 
@@ -67,7 +87,7 @@ def redact_value(key: str, value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         if sensitive_key(key):
             return REDACTED if value else value
-        return scrub(value) if len(value) >= 8 else value
+        return scrub_text(value)
     if depth > 6:
         return value
     if isinstance(value, dict):
