@@ -218,21 +218,44 @@ def _merge(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
     return a + tuple(s for s in b if s not in a) if b else a
 
 
+# Decisions that name one rule and nothing else, shared (Decision is frozen): building a
+# frozen dataclass costs more than the rest of an allow.  Keyed by (effect, reason, rule
+# id); rule ids come from the policy files, and the cache is cleared if it ever grows.
+_BY_RULE: dict[tuple[str, str, str], Decision] = {}
+_NO_POLICY = Decision(DENIED, NO_POLICY)
+_URI_NOT_CANONICAL = Decision(DENIED, URI_NOT_CANONICAL)
+
+
+def _by_rule(effect: str, reason: str, rule_id: str) -> Decision:
+    key = (effect, reason, rule_id)
+    d = _BY_RULE.get(key)
+    if d is None:
+        if len(_BY_RULE) >= 4096:
+            _BY_RULE.clear()
+        d = _BY_RULE[key] = Decision(effect, reason, (rule_id,))
+    return d
+
+
 def decide(policies: PolicySet, server: str, kind: str, name: str, principal: Any,
            arguments: Any = ANY, annotations: Any = UNKNOWN, trace: list[Step] | None = None) -> Decision:
-    """Decide one call (or, with ``arguments=ANY``, whether to list ``name``)."""
+    """Decide one call (or, with ``arguments=ANY``, whether to list ``name``).
+
+    This runs on every call: the helpers above are inlined where the common case
+    (no claims, no scopes, a passing argument check) would only pay for the call.
+    """
     sp = policies.servers.get(server) or policies.servers.get(WILDCARD)
     if sp is None:
-        return Decision(DENIED, NO_POLICY)
+        return _NO_POLICY
     if kind == RESOURCES and not uri_is_canonical(name):
-        return Decision(DENIED, URI_NOT_CANONICAL)
+        return _URI_NOT_CANONICAL
     rules = sp.index[kind].matching(name)
     have = principal.scopes
+    args = {} if arguments is None else arguments
 
     for rule in rules:
         if rule.effect != DENY:
             continue
-        held = claims_hold(rule, principal)
+        held = claims_hold(rule, principal) if rule.claims else True
         if held is False:
             if trace is not None:
                 trace.append(Step(rule, "skipped", "claims do not match"))
@@ -242,7 +265,10 @@ def decide(policies: PolicySet, server: str, kind: str, name: str, principal: An
                 if trace is not None:
                     trace.append(Step(rule, "skipped", "applies only to some arguments"))
                 continue
-            ok, _ = arguments_match(rule, arguments, detail=False)
+            try:    # arguments_match(detail=False), inlined
+                ok: bool | None = bool(rule.check(args))
+            except Exception:   # a constraint that cannot be evaluated counts as met (fail closed)
+                ok = None
             if ok is False:
                 if trace is not None:
                     trace.append(Step(rule, "skipped", "arguments do not match"))
@@ -251,7 +277,7 @@ def decide(policies: PolicySet, server: str, kind: str, name: str, principal: An
                 held = None
         if trace is not None:
             trace.append(Step(rule, "denies", "a condition could not be evaluated" if held is None else ""))
-        return Decision(DENIED, DENY_RULE if held else NOT_EVALUABLE, (rule.id,))
+        return _by_rule(DENIED, DENY_RULE if held else NOT_EVALUABLE, rule.id)
 
     step_up: Decision | None = None
     refusal: Decision | None = None
@@ -260,7 +286,7 @@ def decide(policies: PolicySet, server: str, kind: str, name: str, principal: An
         if rule.effect != ALLOW:
             continue
         matched_allow = True
-        held = claims_hold(rule, principal)
+        held = claims_hold(rule, principal) if rule.claims else True
         if held is not True:
             why = CLAIMS_NOT_MET if held is False else NOT_EVALUABLE
             refusal = refusal or Decision(DENIED, why, (rule.id,))
@@ -269,23 +295,33 @@ def decide(policies: PolicySet, server: str, kind: str, name: str, principal: An
                                   else "a claim condition could not be evaluated"))
             continue
         if rule.validator is not None and arguments is not ANY:
-            ok, detail = arguments_match(rule, arguments)
-            if ok is not True:
-                if refusal is None or refusal.reason != ARGUMENTS_INVALID:
-                    refusal = Decision(DENIED, ARGUMENTS_INVALID if ok is False else NOT_EVALUABLE,
-                                       (rule.id,), detail=detail)
-                if trace is not None:
-                    trace.append(Step(rule, "skipped", f"arguments: {detail}"))
-                continue
-        need, missing = needed_scopes(rule.scopes, have)
+            try:
+                passed = bool(rule.check(args))
+            except Exception:
+                passed = False
+            if not passed:      # the detail (jsonschema's error search) only on refusal
+                ok, detail = arguments_match(rule, arguments)
+                if ok is not True:
+                    if refusal is None or refusal.reason != ARGUMENTS_INVALID:
+                        refusal = Decision(DENIED, ARGUMENTS_INVALID if ok is False else NOT_EVALUABLE,
+                                           (rule.id,), detail=detail)
+                    if trace is not None:
+                        trace.append(Step(rule, "skipped", f"arguments: {detail}"))
+                    continue
+        req = rule.scopes
+        if req.all_of or req.any_of:
+            need, missing = needed_scopes(req, have)
+        else:
+            need, missing = (), False
         if kind == TOOLS:
-            denied, extra, extra_missing = _destructive_need(rule.destructive or sp.destructive, annotations, have)
-            if denied:
-                refusal = refusal or Decision(DENIED, DESTRUCTIVE_DENIED, (rule.id,))
-                if trace is not None:
-                    trace.append(Step(rule, "skipped", "destructive tool and destructive: deny"))
-                continue
-            need, missing = _merge(need, extra), missing or extra_missing
+            d = rule.destructive or sp.destructive
+            if d.mode != ALLOW and is_destructive(annotations):      # _destructive_need, inlined
+                if d.mode == DENY:
+                    refusal = refusal or Decision(DENIED, DESTRUCTIVE_DENIED, (rule.id,))
+                    if trace is not None:
+                        trace.append(Step(rule, "skipped", "destructive tool and destructive: deny"))
+                    continue
+                need, missing = _merge(need, d.scopes), missing or not have.issuperset(d.scopes)
         if missing:
             if step_up is None:
                 step_up = Decision(STEP_UP, MISSING_SCOPES, (rule.id,), scopes=need)
@@ -294,7 +330,7 @@ def decide(policies: PolicySet, server: str, kind: str, name: str, principal: An
             continue
         if trace is not None:
             trace.append(Step(rule, "allows"))
-        return Decision(ALLOWED, RULE_ALLOWS, (rule.id,))
+        return _by_rule(ALLOWED, RULE_ALLOWS, rule.id)
 
     if step_up is not None:
         return step_up
@@ -324,7 +360,7 @@ def decide_template(policies: PolicySet, server: str, uri_template: str, princip
     """
     sp = policies.servers.get(server) or policies.servers.get(WILDCARD)
     if sp is None:
-        return Decision(DENIED, NO_POLICY)
+        return _NO_POLICY
     g = template_glob(uri_template)
     rules = sp.index[RESOURCES].rules
     for rule in rules:

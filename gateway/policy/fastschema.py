@@ -88,6 +88,7 @@ def _compile(schema: Any) -> Check:
     if "$schema" in schema and schema["$schema"] not in _DIALECTS:
         raise _Unsupported
     checks: list[Check] = []
+    names: list[Any] = []
     if "type" in schema:
         names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
         if not names or not all(isinstance(n, str) and n in _TYPES for n in names):
@@ -102,10 +103,18 @@ def _compile(schema: Any) -> Check:
     if "const" in schema:
         const = schema["const"]
         checks.append(lambda x: json_equal(x, const))
-    checks.extend(_object_checks(schema))
-    checks.extend(_array_checks(schema))
-    checks.extend(_string_checks(schema))
-    checks.extend(_number_checks(schema))
+    by_type = {"object": _object_checks(schema), "array": _array_checks(schema),
+               "string": _string_checks(schema), "number": _number_checks(schema)}
+    if len(names) == 1 and names[0] in ("object", "string"):
+        # One type: the other types' keywords cannot fail (they apply only to their own
+        # type), and this type's checks may assume it: one closure does both.
+        typed = _TYPED[names[0]](schema)
+        if typed is not None:
+            checks[0] = typed
+        checks.extend(by_type[names[0]] if typed is None else ())
+        return _all(checks)
+    for extra in by_type.values():
+        checks.extend(extra)
     return _all(checks)
 
 
@@ -129,17 +138,10 @@ def _all(checks: list[Check]) -> Check:
 
 
 def _object_checks(schema: dict[str, Any]) -> list[Check]:
-    props = schema.get("properties", {})
-    required = schema.get("required", [])
-    extra = schema.get("additionalProperties", True)
-    if not isinstance(props, dict) or not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-        raise _Unsupported
-    if not props and not required and extra is True:
+    fields = _object_fields(schema)
+    if fields is None:
         return []
-    sub = {k: _compile(v) for k, v in props.items()}
-    extra_check = _compile(extra)
-    req = tuple(required)
-    any_extra = extra is True
+    sub, extra_check, req, any_extra = fields
 
     def check(x: Any) -> bool:
         if not isinstance(x, dict):
@@ -159,6 +161,42 @@ def _object_checks(schema: dict[str, Any]) -> list[Check]:
     return [check]
 
 
+def _object_fields(schema: dict[str, Any]) -> tuple[dict[str, Check], Check, tuple[str, ...], bool] | None:
+    props = schema.get("properties", {})
+    required = schema.get("required", [])
+    extra = schema.get("additionalProperties", True)
+    if not isinstance(props, dict) or not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise _Unsupported
+    if not props and not required and extra is True:
+        return None
+    return {k: _compile(v) for k, v in props.items()}, _compile(extra), tuple(required), extra is True
+
+
+def _typed_object(schema: dict[str, Any]) -> Check | None:
+    """``type: object`` and the object keywords in one closure (None: no object keywords)."""
+    fields = _object_fields(schema)
+    if fields is None:
+        return None
+    sub, extra_check, req, any_extra = fields
+
+    def check(x: Any) -> bool:
+        if not isinstance(x, dict):
+            return False
+        for key in req:
+            if key not in x:
+                return False
+        for key, value in x.items():
+            c = sub.get(key)
+            if c is not None:
+                if not c(value):
+                    return False
+            elif not any_extra and not extra_check(value):
+                return False
+        return True
+
+    return check
+
+
 def _array_checks(schema: dict[str, Any]) -> list[Check]:
     out: list[Check] = []
     if "items" in schema:
@@ -173,7 +211,7 @@ def _array_checks(schema: dict[str, Any]) -> list[Check]:
     return out
 
 
-def _string_checks(schema: dict[str, Any]) -> list[Check]:
+def _string_fields(schema: dict[str, Any]) -> tuple[int | None, int | None, Any]:
     lo = _nonneg_int(schema["minLength"]) if "minLength" in schema else None
     hi = _nonneg_int(schema["maxLength"]) if "maxLength" in schema else None
     search = None
@@ -181,6 +219,34 @@ def _string_checks(schema: dict[str, Any]) -> list[Check]:
         if not isinstance(schema["pattern"], str):
             raise _Unsupported
         search = re.compile(schema["pattern"]).search
+    return lo, hi, search
+
+
+def _typed_string(schema: dict[str, Any]) -> Check | None:
+    """``type: string`` and the string keywords in one closure (None: no string keywords)."""
+    lo, hi, search = _string_fields(schema)
+    if lo is None and search is None:
+        if hi is None:
+            return None
+        return lambda x: isinstance(x, str) and len(x) <= hi
+    if lo is None and hi is None:
+        return lambda x: isinstance(x, str) and search(x) is not None
+
+    def text(x: Any) -> bool:
+        if not isinstance(x, str):
+            return False
+        if (lo is not None and len(x) < lo) or (hi is not None and len(x) > hi):
+            return False
+        return search is None or search(x) is not None
+
+    return text
+
+
+_TYPED = {"object": _typed_object, "string": _typed_string}
+
+
+def _string_checks(schema: dict[str, Any]) -> list[Check]:
+    lo, hi, search = _string_fields(schema)
     if lo is None and hi is None and search is None:
         return []
 

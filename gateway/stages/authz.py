@@ -56,6 +56,7 @@ LISTS = {
     "resources/templates/list": ("resourceTemplates", "uriTemplate", RESOURCES),
     "prompts/list": ("prompts", "name", PROMPTS),
 }
+_DECISIONS = DECISIONS_TALLY.pending
 # What the caller is told: the same words an MCP server uses for a name it does not know.
 _UNKNOWN = {TOOLS: "Unknown tool: {}", RESOURCES: "Resource not found: {}", PROMPTS: "Unknown prompt: {}",
             METHODS: "Method not found: {}"}
@@ -112,7 +113,10 @@ class Authz:
             ex.response_hooks.append(ListFilter(policies, self.catalog, *listing))
             ex.audit_safe = {"decision": "filter", "policy": policies.digest[:12]}
             return
-        kind, name, arguments = target(method, ex.message)
+        if method == "tools/call" and ex.name is not None:
+            kind, name, arguments = TOOLS, ex.name, ex.arguments    # what target() reads; parse checked it
+        else:
+            kind, name, arguments = target(method, ex.message)
         annotations = UNKNOWN
         if kind == TOOLS:
             tool = self.catalog.get(ex.server.name, name)
@@ -143,7 +147,8 @@ class Authz:
         if d.scopes:
             safe["required_scopes"] = list(d.scopes)
         ex.audit_safe = safe
-        DECISIONS_TALLY.inc((ex.server.name, d.effect, d.reason))
+        key = (ex.server.name, d.effect, d.reason)
+        _DECISIONS[key] = _DECISIONS.get(key, 0) + 1
 
 
 def _annotations_matter(policies: PolicySet, ex: "Exchange", name: str, arguments: Any) -> bool:
