@@ -11,7 +11,8 @@ go in-band as a JSON-RPC error event.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import aiohttp
 import orjson
@@ -57,6 +58,46 @@ def _connection_tokens(headers: Any) -> frozenset[str]:
     return frozenset(t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(","))
 
 
+_NAME = itemgetter(0)
+Pairs = Sequence[tuple[str, str]]
+
+
+class _HeaderFilter:
+    """The header lines whose names are not in ``drop``, in order.
+
+    Clients and upstreams send the same header names request after request, so
+    which positions survive is memoised per sequence of names; a hit copies the
+    survivors with one C-level ``itemgetter`` instead of a Python loop over every
+    header.  (A message with a ``Connection`` header has its own drop set: the
+    caller filters it with ``filter_slow``.)
+    """
+
+    __slots__ = ("drop", "plans")
+
+    def __init__(self, drop: frozenset[str]) -> None:
+        self.drop = drop
+        self.plans: dict[tuple[str, ...], Callable[[list[tuple[str, str]]], Pairs]] = {}
+
+    def keep(self, headers: Any) -> Pairs:
+        items = list(headers.items())
+        names = tuple(map(_NAME, items))
+        pick = self.plans.get(names)
+        if pick is None:
+            if len(self.plans) >= 256:     # names are chosen by the sender: bounded
+                self.plans.clear()
+            kept = [i for i, name in enumerate(names) if name.lower() not in self.drop]
+            if len(kept) >= 2:
+                pick = itemgetter(*kept)
+            else:
+                pick = lambda items, kept=tuple(kept): tuple(items[i] for i in kept)  # noqa: E731
+            self.plans[names] = pick
+        return pick(items)
+
+    @staticmethod
+    def filter_slow(headers: Any, drop: frozenset[str]) -> Pairs:
+        return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+
+
 def error_body(err: GatewayError, rpc_id: Any) -> bytes:
     error: dict[str, Any] = {"code": err.code, "message": err.message}
     data = {"reason": err.reason}
@@ -100,19 +141,27 @@ class Forwarder:
         self._sessions = sessions
         self._creds = credentials
         self._drop = _DROP_REQUEST | {h.lower() for h in identity_headers}
+        self._request_filter = _HeaderFilter(self._drop)
+        self._response_filter = _HeaderFilter(_DROP_RESPONSE)
         self._event_limit = config.limits.max_sse_event_bytes
         self._json_limit = config.limits.max_response_bytes
         # Parsed once: yarl parsing a URL string costs more than the rest of the request setup.
         self._urls = {name: URL(s.url) for name, s in config.servers.items()}
 
-    async def _headers(self, ex: "Exchange") -> dict[str, str]:
-        drop = self._drop
-        if "Connection" in ex.request.headers:
-            drop = drop | _connection_tokens(ex.request.headers)
-        out = {k: v for k, v in ex.request.headers.items() if k.lower() not in drop}
+    def _base_headers(self, ex: "Exchange") -> dict[str, str]:
+        """The client's headers minus everything in ``_DROP_REQUEST`` (and ``Connection``'s list)."""
+        headers = ex.request.headers
+        if "Connection" in headers:
+            out = dict(_HeaderFilter.filter_slow(headers, self._drop | _connection_tokens(headers)))
+        else:
+            out = dict(self._request_filter.keep(headers))
         out["Accept-Encoding"] = "identity"
         if ex.upstream_session_id is not None:
             out["Mcp-Session-Id"] = ex.upstream_session_id
+        return out
+
+    async def _headers(self, ex: "Exchange") -> dict[str, str]:
+        out = self._base_headers(ex)
         provider = self._creds.get(ex.server.name)
         if provider is not None:
             out.update(await provider.headers(ex))
@@ -123,7 +172,10 @@ class Forwarder:
     async def forward(self, ex: "Exchange") -> web.StreamResponse:
         server = ex.server
         client = self._upstreams.clients[server.name]
-        headers = await self._headers(ex)
+        if server.name in self._creds or ex.extra_upstream_headers:
+            headers = await self._headers(ex)
+        else:
+            headers = self._base_headers(ex)      # no upstream credentials: nothing to await
         try:
             resp = await client.request(ex.request.method, self._urls[server.name], data=ex.body, headers=headers,
                                         allow_redirects=False)
@@ -171,13 +223,20 @@ class Forwarder:
             await self._sessions.delete(ex.session.id)
             raise SessionNotFound("session expired upstream; initialize a new session",
                                   reason="upstream_session_gone")
-        drop = _DROP_RESPONSE | _connection_tokens(resp.headers) if "Connection" in resp.headers else _DROP_RESPONSE
         # Case-insensitive, so the gateway's own SSE headers replace the upstream's
         # instead of being sent twice.
-        out_headers = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in drop)
+        if "Connection" in resp.headers:
+            out_headers = CIMultiDict(_HeaderFilter.filter_slow(
+                resp.headers, _DROP_RESPONSE | _connection_tokens(resp.headers)))
+        else:
+            out_headers = CIMultiDict(self._response_filter.keep(resp.headers))
         if ex.response_headers:
             out_headers.update(ex.response_headers)
-        await self._map_session(ex, resp, out_headers)
+        upstream_sid = resp.headers.get("Mcp-Session-Id")
+        if ex.session is None or upstream_sid is not None and upstream_sid != ex.session.upstream_id:
+            await self._map_session(ex, upstream_sid, out_headers)
+        elif upstream_sid is not None:
+            out_headers["Mcp-Session-Id"] = ex.session.id
         if ex.request.method == "DELETE" and ex.session is not None and (status < 300 or status in (404, 405)):
             await self._sessions.delete(ex.session.id)
             BOUND.get(SESSIONS, server.name, "deleted").inc()
@@ -206,8 +265,11 @@ class Forwarder:
             self._count(server, f"http_{status // 100}xx")
             raise UpstreamInvalid(f"the upstream MCP server answered HTTP {status}")
         # Hooks marked sse_only (pinning's list_changed watcher) need no JSON body: skip the parse.
-        if is_json and body and any(not getattr(h, "sse_only", False) for h in ex.response_hooks):
-            body = self._inspect_json(ex, body)
+        if is_json and body:
+            for hook in ex.response_hooks:
+                if not getattr(hook, "sse_only", False):
+                    body = self._inspect_json(ex, body)
+                    break
         return web.Response(status=status, body=body, headers=out_headers), False
 
     async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
@@ -216,18 +278,21 @@ class Forwarder:
         ``StreamReader.read(n)`` returns what is buffered *up to* n bytes, not n
         bytes: a reply arriving in several TCP reads must be read in a loop.
         """
-        chunks: list[bytes] = []
-        size = 0
+        content = resp.content
+        first = await content.readany()
+        if content.at_eof() or not first:
+            return first            # the common case: the whole body arrived in one read
+        chunks: list[bytes] = [first]
+        size = len(first)
         while size <= self._json_limit:
-            chunk = await resp.content.readany()
+            chunk = await content.readany()
             if not chunk:
                 break
             chunks.append(chunk)
             size += len(chunk)
         return b"".join(chunks)
 
-    async def _map_session(self, ex: "Exchange", resp: aiohttp.ClientResponse, out: CIMultiDict[str]) -> None:
-        upstream_sid = resp.headers.get("Mcp-Session-Id")
+    async def _map_session(self, ex: "Exchange", upstream_sid: str | None, out: CIMultiDict[str]) -> None:
         if ex.session is not None:
             if upstream_sid is None or upstream_sid == ex.session.upstream_id:
                 if upstream_sid is not None:
