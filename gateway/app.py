@@ -44,7 +44,7 @@ from .stages.hygiene import Hygiene
 from .stages.parse import Parse
 from .stages.pinning import make_pinning
 from .stages.scopes import Scopes
-from .pipeline import Exchange
+from .pipeline import Exchange, checker
 from .stages.session import Session
 from .store.redis import make_store
 from .store.sessions import SessionStore
@@ -89,6 +89,7 @@ class Gateway:
         if pinning is not None:
             stages.append(pinning)
         self.stages: tuple[Any, ...] = tuple(stages)
+        self._checks = tuple(checker(stage) for stage in self.stages)   # see pipeline.py
         self.shutting_down = False
         self.started_at = time.time()
 
@@ -139,8 +140,10 @@ class Gateway:
         ex = Exchange(request, server)
         audit.start(ex)
         try:
-            for stage in self.stages:
-                await stage.on_request(ex)
+            for check in self._checks:
+                pending = check(ex)
+                if pending is not None:
+                    await pending
             return await self.forwarder.forward(ex)
         except GatewayError as err:
             return self._error(ex, err)

@@ -88,8 +88,10 @@ class _HeaderFilter:
             kept = [i for i, name in enumerate(names) if name.lower() not in self.drop]
             if len(kept) >= 2:
                 pick = itemgetter(*kept)
+            elif kept:
+                pick = lambda items, i=kept[0]: (items[i],)  # noqa: E731
             else:
-                pick = lambda items, kept=tuple(kept): tuple(items[i] for i in kept)  # noqa: E731
+                pick = lambda items: ()  # noqa: E731
             self.plans[names] = pick
         return pick(items)
 

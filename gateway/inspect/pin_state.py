@@ -69,6 +69,11 @@ class ServerPins:
         return self.lock if self.lock is not None else self.tofu
 
     @property
+    def settled(self) -> bool:
+        """Whether ``ensure`` has nothing to do (an approved set, or enforce mode)."""
+        return self.lock is not None or self.tofu is not None or self.cfg.mode == "enforce"
+
+    @property
     def holding(self) -> bool:
         return self.cfg.mode in ("enforce", "tofu")
 
@@ -114,7 +119,7 @@ class ServerPins:
 
         Raises what ``store`` or ``fetch`` raise; concurrent callers share one attempt.
         """
-        if self.lock is not None or self.tofu is not None or self.cfg.mode == "enforce":
+        if self.settled:
             return
         if self._pinning is None:
             self._pinning = asyncio.ensure_future(self._establish(store, fetch, ex))

@@ -17,7 +17,7 @@ results, so a token for ``/mcp/a`` is still refused at ``/mcp/b``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable
 
 import aiohttp
 import structlog
@@ -99,9 +99,15 @@ class Authn:
 
     # -- request path ---------------------------------------------------------------
     async def on_request(self, ex: Exchange) -> None:
+        pending = self.check(ex)
+        if pending is not None:
+            await pending
+
+    def check(self, ex: Exchange) -> Awaitable[None] | None:
+        """``on_request`` without a coroutine for a token in the verified-token cache (pipeline.py)."""
         if self._none:
             ex.principal = ANONYMOUS
-            return
+            return None
         mount = self._mounts[ex.server.name]
         values = ex.request.headers.getall(hdrs.AUTHORIZATION, ())
         if len(values) != 1:
@@ -113,7 +119,14 @@ class Authn:
         # only values that passed every check below were ever stored.
         verified = self._cache.get(value)
         if verified is None:
-            verified = await self._verify(ex, mount, value)
+            return self._verify_then_accept(ex, mount, value)
+        self._accept(ex, mount, value, verified)
+        return None
+
+    async def _verify_then_accept(self, ex: Exchange, mount: _Mount, value: str) -> None:
+        self._accept(ex, mount, value, await self._verify(ex, mount, value))
+
+    def _accept(self, ex: Exchange, mount: _Mount, value: str, verified: Verified) -> None:
         if verified.refusal is not None:
             raise self._refuse(ex, verified.refusal, "refused by introspection (cached answer)")
         if verified.issuer not in mount.trusted:

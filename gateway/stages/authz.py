@@ -104,15 +104,21 @@ class Authz:
 
     async def on_request(self, ex: "Exchange") -> None:
         """Fires after parse, before the upstream is contacted; ``ex.principal`` and ``ex.message`` are set."""
+        pending = self.check(ex)
+        if pending is not None:
+            await pending
+
+    def check(self, ex: "Exchange") -> Awaitable[None] | None:
+        """``on_request`` without a coroutine unless the catalog must be refreshed first (pipeline.py)."""
         method = ex.method
         if method is None or method in ALWAYS_ALLOWED or method.startswith("notifications/"):
-            return   # responses to server requests, notifications, handshake
+            return None   # responses to server requests, notifications, handshake
         policies = self.policies.current
         listing = LISTS.get(method)
         if listing is not None:
             ex.response_hooks.append(ListFilter(policies, self.catalog, *listing))
             ex.audit_safe = {"decision": "filter", "policy": policies.digest[:12]}
-            return
+            return None
         if method == "tools/call" and ex.name is not None:
             kind, name, arguments = TOOLS, ex.name, ex.arguments    # what target() reads; parse checked it
         else:
@@ -121,12 +127,23 @@ class Authz:
         if kind == TOOLS:
             tool = self.catalog.get(ex.server.name, name)
             if tool is None and self.refresh is not None and _annotations_matter(policies, ex, name, arguments):
-                try:
-                    await self.refresh(ex)
-                except GatewayError:
-                    log.warning("policy.catalog_refresh_failed", server=ex.server.name)   # stays unknown
-                tool = self.catalog.get(ex.server.name, name)
+                return self._refresh_then_decide(ex, policies, name, arguments)
             annotations = (tool.get("annotations") or {}) if tool is not None else UNKNOWN
+        self._decide(ex, policies, kind, name, arguments, annotations)
+        return None
+
+    async def _refresh_then_decide(self, ex: "Exchange", policies: PolicySet, name: str, arguments: Any) -> None:
+        assert self.refresh is not None
+        try:
+            await self.refresh(ex)
+        except GatewayError:
+            log.warning("policy.catalog_refresh_failed", server=ex.server.name)   # stays unknown
+        tool = self.catalog.get(ex.server.name, name)
+        annotations = (tool.get("annotations") or {}) if tool is not None else UNKNOWN
+        self._decide(ex, policies, TOOLS, name, arguments, annotations)
+
+    def _decide(self, ex: "Exchange", policies: PolicySet, kind: str, name: str, arguments: Any,
+                annotations: Any) -> None:
         d = decide(policies, ex.server.name, kind, name, ex.principal, arguments, annotations)
         self._record(ex, d, policies)
         if d.effect == ALLOWED:

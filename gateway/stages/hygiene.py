@@ -54,6 +54,10 @@ class Hygiene:
         return origin
 
     async def on_request(self, ex: "Exchange") -> None:
+        self.check(ex)
+
+    def check(self, ex: "Exchange") -> None:
+        """``on_request`` without a coroutine: nothing here awaits (see pipeline.py)."""
         req = ex.request
         if req.method not in ("POST", "GET", "DELETE"):
             raise MethodNotAllowed(f"{req.method} is not supported on an MCP endpoint",

@@ -109,21 +109,36 @@ class Pinning:
 
     async def on_request(self, ex: "Exchange") -> None:
         """Fires after authz; ``ex.method``/``ex.name``/``ex.message`` are set for POSTs."""
+        pending = self.check(ex)
+        if pending is not None:
+            await pending
+
+    def check(self, ex: "Exchange") -> Awaitable[None] | None:
+        """``on_request`` without a coroutine for a call to a tool already judged (see pipeline.py)."""
         st = self.servers.get(ex.server.name)
         if st is None:
-            return
+            return None
         method = ex.method
-        if method == "tools/list":
-            st.check_lock(force=True)
-            await self._ensure(st, ex)
-            params = ex.message.get("params") if isinstance(ex.message, dict) else None
-            cursor = params.get("cursor") if isinstance(params, dict) else None
-            ex.response_hooks.append(_ListHook(self, st, cursor if isinstance(cursor, str) else None))
-        elif method == "tools/call":
-            await self._check_call(st, ex)
+        if method == "tools/call":
+            if not self._call_judged(st, ex):
+                return self._call(st, ex)
             ex.response_hooks.append(self._watch)
+        elif method == "tools/list":
+            return self._list(st, ex)
         elif method == "subscriptions/listen" or (method is None and ex.request.method == "GET"):
             ex.response_hooks.append(self._watch)
+        return None
+
+    async def _list(self, st: ServerPins, ex: "Exchange") -> None:
+        st.check_lock(force=True)
+        await self._ensure(st, ex)
+        params = ex.message.get("params") if isinstance(ex.message, dict) else None
+        cursor = params.get("cursor") if isinstance(params, dict) else None
+        ex.response_hooks.append(_ListHook(self, st, cursor if isinstance(cursor, str) else None))
+
+    async def _call(self, st: ServerPins, ex: "Exchange") -> None:
+        await self._check_call(st, ex)
+        ex.response_hooks.append(self._watch)
 
     async def _ensure(self, st: ServerPins, ex: "Exchange | None") -> None:
         try:
@@ -147,6 +162,24 @@ class Pinning:
             raise err(f"could not read the upstream's tools to check them: {exc}") from exc
 
     # -- tools/call -----------------------------------------------------------------
+
+    def _call_judged(self, st: ServerPins, ex: "Exchange") -> bool:
+        """True when ``_check_call`` would pass without awaiting anything: an approved set is
+        in force, the catalog is fresh, and the tool's verdict is current and not held.
+        Everything else (refreshes, holds, unknown tools) takes ``_check_call``."""
+        st.check_lock()
+        if not st.settled:
+            return False
+        cat = self.catalog.server(st.name)
+        if not cat.fresh(st.cfg.recheck_after):
+            return False
+        tool = ex.name or ""
+        entry = cat.tools.get(tool)
+        if entry is None or entry.held or entry.print is None or entry.version != st.version:
+            return False
+        if entry.kinds:
+            self.signals.call_warned(st.name, tool, entry.kinds)
+        return True
 
     async def _check_call(self, st: ServerPins, ex: "Exchange") -> None:
         server, tool = st.name, ex.name or ""

@@ -35,6 +35,10 @@ class Scopes:
         return stage if stage._active else None
 
     async def on_request(self, ex: Exchange) -> None:
+        self.check(ex)
+
+    def check(self, ex: Exchange) -> None:
+        """``on_request`` without a coroutine (see pipeline.py)."""
         if ex.server.name not in self._active:
             return
         need = required_scopes(ex.server.auth, ex.method, ex.name)

@@ -7,7 +7,7 @@ them*) and is logged and counted as a security event.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable
 
 import structlog
 
@@ -16,7 +16,7 @@ from ..telemetry.metrics import security_event
 
 if TYPE_CHECKING:
     from ..pipeline import Exchange
-    from ..store.sessions import SessionStore
+    from ..store.sessions import SessionRecord, SessionStore
 
 log = structlog.get_logger("gateway.security")
 
@@ -27,11 +27,24 @@ class Session:
     def __init__(self, sessions: "SessionStore") -> None:
         self._sessions = sessions
 
+    def check(self, ex: "Exchange") -> Awaitable[None] | None:
+        """``on_request`` without a coroutine when the session is in this replica's cache."""
+        sid = ex.request.headers.get("Mcp-Session-Id")
+        if sid is None:
+            return None
+        rec = self._sessions.cached(sid)
+        if rec is None:
+            return self.on_request(ex)      # ask the store
+        self._bind(ex, rec)
+        return None
+
     async def on_request(self, ex: "Exchange") -> None:
         sid = ex.request.headers.get("Mcp-Session-Id")
         if sid is None:
             return
-        rec = await self._sessions.get(sid)
+        self._bind(ex, await self._sessions.get(sid))
+
+    def _bind(self, ex: "Exchange", rec: "SessionRecord | None") -> None:
         if rec is None or rec.server != ex.server.name:
             raise SessionNotFound("session not found or terminated; initialize a new session")
         if rec.principal != ex.principal.key:

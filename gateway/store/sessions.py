@@ -89,6 +89,13 @@ class SessionStore:
         if len(self._cache) > _CACHE_MAX:
             self._cache.popitem(last=False)
 
+    def cached(self, sid: str) -> SessionRecord | None:
+        """The record when this replica's cache has a fresh copy (what ``get`` returns at once), else None."""
+        hit = self._cache.get(sid)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        return None
+
     async def get(self, sid: str) -> SessionRecord | None:
         hit = self._cache.get(sid)
         if hit is not None and hit[1] > time.monotonic():
