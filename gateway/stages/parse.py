@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable
 
 import orjson
 from aiohttp import web
@@ -44,6 +44,16 @@ class Parse:
         self._max = config.limits.max_body_bytes
 
     async def on_request(self, ex: "Exchange") -> None:
+        pending = self.check(ex)
+        if pending is not None:
+            await pending
+
+    def check(self, ex: "Exchange") -> Awaitable[None] | None:
+        """``on_request`` without a coroutine when the whole body has already arrived (pipeline.py).
+
+        The body is taken from the request's stream once, here, and lives in
+        ``ex.body`` (nothing else reads the request body).
+        """
         req = ex.request
         headers = req.headers
         version = headers.get("MCP-Protocol-Version")
@@ -51,16 +61,31 @@ class Parse:
         if version is not None and version >= MODERN_FROM:
             ex.era = MODERN
         if req.method != "POST":
-            return
+            return None
         ctype = headers.get("Content-Type", "")
         if not ctype.startswith("application/json") and "json" not in ctype.split(";", 1)[0]:
             raise UnsupportedMediaType("Content-Type must be application/json")
-        if req.content_length is not None and req.content_length > self._max:
+        length = req.content_length
+        if length is not None and length > self._max:
             raise BodyTooLarge(f"request body exceeds {self._max} bytes")
+        content = req.content
+        if content.is_eof() and not content.at_eof():
+            # Everything arrived and nothing has read it: what request.read() would return.
+            body = content.read_nowait()
+            if len(body) > self._max:
+                raise BodyTooLarge(f"request body exceeds {self._max} bytes")
+            self._message(ex, req.headers, body)
+            return None
+        return self._read(ex)
+
+    async def _read(self, ex: "Exchange") -> None:
         try:
-            body = await req.read()
+            body = await ex.request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             raise BodyTooLarge(f"request body exceeds {self._max} bytes") from exc
+        self._message(ex, ex.request.headers, body)
+
+    def _message(self, ex: "Exchange", headers: Any, body: bytes) -> None:
         ex.body = body
         try:
             msg = orjson.loads(body)
