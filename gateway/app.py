@@ -90,6 +90,7 @@ class Gateway:
             stages.append(pinning)
         self.stages: tuple[Any, ...] = tuple(stages)
         self._checks = tuple(checker(stage) for stage in self.stages)   # see pipeline.py
+        self._audit = config.logging.audit
         self.shutting_down = False
         self.started_at = time.time()
 
@@ -151,7 +152,7 @@ class Gateway:
             log.exception("gateway.internal_error", server=server.name)
             return self._error(ex, GatewayError("internal gateway error"))
         finally:
-            audit.finish(ex, self.config.logging.audit)
+            audit.finish(ex, self._audit)
 
     def _error(self, ex: Exchange | None, err: GatewayError) -> web.Response:
         headers = dict(_JSON)

@@ -49,10 +49,11 @@ class Principal:
     claims: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""
     expires_at: float | None = None
+    # Computed once (the session stage compares it on every request).
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        return f"{self.issuer}\x1f{self.subject}\x1f{self.client_id}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.issuer}\x1f{self.subject}\x1f{self.client_id}")
 
 
 ANONYMOUS = Principal(issuer="", subject="anonymous", name="anonymous")

@@ -200,11 +200,7 @@ class Forwarder:
             if not handed_off:
                 resp.release()
 
-    def _count(self, server: "ServerConfig", reason: str) -> None:
-        BOUND.get(UPSTREAM_ERRORS, server.name, reason).inc()
-
-    async def _relay(self, ex: "Exchange", resp: aiohttp.ClientResponse) -> tuple[web.StreamResponse, bool]:
-        status = resp.status
+    def _refuse_status(self, ex: "Exchange", status: int) -> None:
         server = ex.server
         if status in (401, 403):
             # The upstream's challenge names its own AS; relaying it would make
@@ -220,11 +216,20 @@ class Forwarder:
             self._count(server, "redirect")
             raise UpstreamInvalid("the upstream MCP server answered with a redirect",
                                   reason="upstream_redirect")
-        if status == 404 and ex.session is not None:
-            # The upstream forgot the session: drop ours too so the client re-initializes.
-            await self._sessions.delete(ex.session.id)
-            raise SessionNotFound("session expired upstream; initialize a new session",
-                                  reason="upstream_session_gone")
+
+    def _count(self, server: "ServerConfig", reason: str) -> None:
+        BOUND.get(UPSTREAM_ERRORS, server.name, reason).inc()
+
+    async def _relay(self, ex: "Exchange", resp: aiohttp.ClientResponse) -> tuple[web.StreamResponse, bool]:
+        status = resp.status
+        server = ex.server
+        if status >= 300:
+            self._refuse_status(ex, status)
+            if status == 404 and ex.session is not None:
+                # The upstream forgot the session: drop ours too so the client re-initializes.
+                await self._sessions.delete(ex.session.id)
+                raise SessionNotFound("session expired upstream; initialize a new session",
+                                      reason="upstream_session_gone")
         # Case-insensitive, so the gateway's own SSE headers replace the upstream's
         # instead of being sent twice.
         if "Connection" in resp.headers:

@@ -79,9 +79,9 @@ class ServerPins:
 
     # -- lock file --------------------------------------------------------------
 
-    def check_lock(self, *, force: bool = False) -> list[Problem]:
+    def check_lock(self, *, force: bool = False, now: float | None = None) -> list[Problem]:
         """Reload the lock file if it changed; returns the problems of a refused new version."""
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         if not force and now - self._lock_checked < LOCK_CHECK_INTERVAL:
             return []
         self._lock_checked = now

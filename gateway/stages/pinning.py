@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import structlog
@@ -167,11 +168,12 @@ class Pinning:
         """True when ``_check_call`` would pass without awaiting anything: an approved set is
         in force, the catalog is fresh, and the tool's verdict is current and not held.
         Everything else (refreshes, holds, unknown tools) takes ``_check_call``."""
-        st.check_lock()
+        now = time.monotonic()
+        st.check_lock(now=now)
         if not st.settled:
             return False
         cat = self.catalog.server(st.name)
-        if not cat.fresh(st.cfg.recheck_after):
+        if not cat.fresh(st.cfg.recheck_after, now):
             return False
         tool = ex.name or ""
         entry = cat.tools.get(tool)

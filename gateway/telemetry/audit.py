@@ -24,7 +24,7 @@ from typing import IO, TYPE_CHECKING, Any
 import orjson
 
 from .metrics import DURATION_TALLY, INFLIGHT_LEVEL, KNOWN_METHODS, REQUESTS_TALLY
-from .redact import redact_value, scrub_text
+from .redact import _MEMO, redact_value, scrub_text
 
 if TYPE_CHECKING:
     from ..pipeline import Exchange
@@ -63,6 +63,7 @@ class AuditWriter:
 
 WRITER = AuditWriter()
 
+_MEMO_GET = _MEMO.get        # the memo is cleared in place, never replaced
 _INFLIGHT = INFLIGHT_LEVEL.levels
 _REQUESTS = REQUESTS_TALLY.pending
 
@@ -86,7 +87,10 @@ def finish(ex: "Exchange", enabled: bool = True) -> None:
         return
     p = ex.principal
     # Closed sets as they are; principal, issuer, client id, method and target (token
-    # claims and client text) scrubbed (memoised: they repeat from request to request).
+    # claims and client text) scrubbed: memo(text) is scrub_text's memo, looked up
+    # inline ("" and misses fall through to scrub_text).
+    memo = _MEMO_GET
+    name = p.name or p.subject
     fields: dict[str, Any] = {
         "event": "mcp.request",
         "level": "info" if ex.outcome == "ok" else "warning",
@@ -96,15 +100,15 @@ def finish(ex: "Exchange", enabled: bool = True) -> None:
         "status": ex.status,
         "outcome": ex.outcome,
         "era": ex.era,
-        "principal": scrub_text(p.name or p.subject),
-        "issuer": scrub_text(p.issuer),
-        "client_id": scrub_text(p.client_id),
+        "principal": memo(name) or scrub_text(name),
+        "issuer": memo(p.issuer) or scrub_text(p.issuer),
+        "client_id": memo(p.client_id) or scrub_text(p.client_id),
         "duration_ms": int(elapsed * 1e6) / 1000,     # microsecond resolution
     }
     if method is not None:
-        fields["method"] = scrub_text(method)
+        fields["method"] = memo(method) or scrub_text(method)
     if ex.name is not None:
-        fields["target"] = scrub_text(ex.name)
+        fields["target"] = memo(ex.name) or scrub_text(ex.name)
     if ex.reason:
         fields["reason"] = ex.reason
     if ex.upstream_status:
