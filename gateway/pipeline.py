@@ -104,10 +104,10 @@ class Exchange:
         self.upstream_session_id: str | None = None
         self.response_hooks: list[ResponseHook] = []
         # Fields added to the request's audit record: ``audit`` is redacted like any log
-        # field; ``audit_safe`` holds only closed-set values (the policy decision) and
-        # is written as it is.
+        # field; ``audit_safe`` holds only closed-set values (the policy decision), is
+        # written as it is, and may be shared between exchanges (read it, never modify it).
         self.audit: dict[str, Any] = {}
-        self.audit_safe: dict[str, Any] | None = None
+        self.audit_safe: Mapping[str, Any] | None = None
         self.status = 0
         self.outcome = "ok"
         self.reason = ""

@@ -90,8 +90,8 @@ async def test_what_the_stage_decides(stage: Authz, principal: Principal, method
 async def test_the_decision_goes_into_the_audit_record(stage: Authz) -> None:
     ex = exchange(NOBODY, "tools/call", {"name": "read_file"})
     await outcome(stage, ex)
-    assert ex.audit_safe["decision"] == "step_up" and ex.audit_safe["rules"] == ["read"]
-    assert ex.audit_safe["decision_reason"] == "missing_scopes" and ex.audit_safe["required_scopes"] == ["read"]
+    assert ex.audit_safe["decision"] == "step_up" and list(ex.audit_safe["rules"]) == ["read"]
+    assert ex.audit_safe["decision_reason"] == "missing_scopes" and list(ex.audit_safe["required_scopes"]) == ["read"]
     assert len(ex.audit_safe["policy"]) == 12
 
 

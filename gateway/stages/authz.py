@@ -88,6 +88,7 @@ class Authz:
         self.catalog = catalog if catalog is not None else ToolCatalog()
         self.watcher = watcher
         self.refresh = refresh
+        self._records: dict[tuple[int, int, str], tuple[Any, ...]] = {}
 
     async def start(self) -> None:
         if self.watcher is not None:
@@ -155,16 +156,27 @@ class Authz:
             raise PolicyDenied(f"Invalid arguments for {name}: {d.detail}")
         raise PolicyDenied(_UNKNOWN[kind].format(name))
 
-    @staticmethod
-    def _record(ex: "Exchange", d: Decision, policies: PolicySet) -> None:
+    def _record(self, ex: "Exchange", d: Decision, policies: PolicySet) -> None:
         # Closed sets only (effects, reasons, and rule ids and scopes from the policy
-        # files): the audit writes them without redaction.
-        safe = {"decision": d.effect, "decision_reason": d.reason, "rules": list(d.rules),
-                "policy": policies.digest[:12]}
-        if d.scopes:
-            safe["required_scopes"] = list(d.scopes)
-        ex.audit_safe = safe
-        key = (ex.server.name, d.effect, d.reason)
+        # files): the audit writes them without redaction.  decide() shares the Decision
+        # of a rule that allows or denies, so the read-only audit fields and the metric
+        # key are built once per (decision, policy set, server).
+        server = ex.server.name
+        memo = self._records.get((id(d), id(policies), server))
+        if memo is None or memo[0] is not d or memo[1] is not policies:
+            safe = {"decision": d.effect, "decision_reason": d.reason, "rules": d.rules,
+                    "policy": policies.digest[:12]}
+            if d.scopes:
+                safe["required_scopes"] = d.scopes
+            if len(self._records) >= 1024:
+                self._records.clear()
+            # Holding d and policies keeps their ids from being reused while the entry lives.
+            # A plain dict (the audit's dict.update is twice as fast on one as on a
+            # MappingProxyType); it is shared, so nothing may modify ex.audit_safe.
+            memo = self._records[(id(d), id(policies), server)] = (
+                d, policies, safe, (server, d.effect, d.reason))
+        ex.audit_safe = memo[2]
+        key = memo[3]
         _DECISIONS[key] = _DECISIONS.get(key, 0) + 1
 
 
