@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -46,6 +47,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# A request allocates a few hundred short-lived containers.  With the interpreter's
+# default young-generation threshold (700) a busy process runs a collection every ~100
+# requests at c=16, each traversing every in-flight request's objects: ~1 % of the CPU
+# per request (callgrind).  Nothing on the request path relies on the cycle collector
+# (2,000 requests at c=16 left 5 objects for it), so young collections run 10x less often.
+GC_GEN0_THRESHOLD = 7000
+
+
+def _tune_gc() -> None:
+    """For the serving process only: startup objects (imports, config) leave the collector's
+    view for good (gc.freeze), and young collections run less often."""
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def _run_one(config: Any, reuse_port: bool) -> int:
     from .app import serve
 
@@ -54,6 +71,7 @@ def _run_one(config: Any, reuse_port: bool) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
         uvloop = None
     runner = uvloop.run if uvloop is not None else asyncio.run
+    _tune_gc()
     try:
         runner(serve(config, reuse_port=reuse_port))
     except ConfigError as exc:
