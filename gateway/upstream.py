@@ -250,7 +250,7 @@ class Forwarder:
             ex.status = 200 if status >= 300 else status
             return web.Response(status=ex.status, headers=out_headers), False
         ctype = resp.headers.get("Content-Type", "")
-        if ctype.startswith("text/event-stream"):
+        if ctype[:17] == "text/event-stream":
             return await self._relay_sse(ex, resp, out_headers)
         ex.status = status
         if status == 202 or status == 204:
@@ -267,7 +267,7 @@ class Forwarder:
             self._count(server, "response_too_large")
             raise UpstreamInvalid("the upstream reply exceeds the gateway's response size limit",
                                   reason="upstream_too_large")
-        is_json = ctype.startswith("application/json")
+        is_json = ctype[:16] == "application/json"
         if status >= 400 and not is_json:
             self._count(server, f"http_{status // 100}xx")
             raise UpstreamInvalid(f"the upstream MCP server answered HTTP {status}")

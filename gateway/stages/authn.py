@@ -56,6 +56,7 @@ class Authn:
         self._config = config
         auth = config.auth
         self._none = auth.mode == "none"
+        self.idle = self._none          # the gateway skips on_request: Exchange starts ANONYMOUS
         self._max = auth.max_token_bytes
         self._cache: TokenCache[Verified] = TokenCache(auth.cache_size)
         self._keysets = {i.issuer: KeySet(i, auth.fetch_timeout) for i in auth.issuers}
