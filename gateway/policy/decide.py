@@ -226,13 +226,19 @@ _NO_POLICY = Decision(DENIED, NO_POLICY)
 _URI_NOT_CANONICAL = Decision(DENIED, URI_NOT_CANONICAL)
 
 
+_ALLOWS: dict[str, Decision] = {}     # rule id -> Decision(ALLOWED, RULE_ALLOWS, (id,)), the common answer
+
+
 def _by_rule(effect: str, reason: str, rule_id: str) -> Decision:
     key = (effect, reason, rule_id)
     d = _BY_RULE.get(key)
     if d is None:
         if len(_BY_RULE) >= 4096:
             _BY_RULE.clear()
+            _ALLOWS.clear()
         d = _BY_RULE[key] = Decision(effect, reason, (rule_id,))
+        if effect == ALLOWED and reason == RULE_ALLOWS:
+            _ALLOWS[rule_id] = d
     return d
 
 
@@ -266,7 +272,7 @@ def decide(policies: PolicySet, server: str, kind: str, name: str, principal: An
                     trace.append(Step(rule, "skipped", "applies only to some arguments"))
                 continue
             try:    # arguments_match(detail=False), inlined
-                ok: bool | None = bool(rule.check(args))
+                ok: bool | None = True if rule.check(args) else False
             except Exception:   # a constraint that cannot be evaluated counts as met (fail closed)
                 ok = None
             if ok is False:
@@ -296,7 +302,7 @@ def decide(policies: PolicySet, server: str, kind: str, name: str, principal: An
             continue
         if rule.validator is not None and arguments is not ANY:
             try:
-                passed = bool(rule.check(args))
+                passed = rule.check(args)
             except Exception:
                 passed = False
             if not passed:      # the detail (jsonschema's error search) only on refusal
@@ -315,7 +321,9 @@ def decide(policies: PolicySet, server: str, kind: str, name: str, principal: An
             need, missing = (), False
         if kind == TOOLS:
             d = rule.destructive or sp.destructive
-            if d.mode != ALLOW and is_destructive(annotations):      # _destructive_need, inlined
+            # _destructive_need, inlined (a dict saying readOnlyHint: true is the usual tool)
+            if d.mode != ALLOW and not (annotations.__class__ is dict and annotations.get("readOnlyHint") is True) \
+                    and is_destructive(annotations):
                 if d.mode == DENY:
                     refusal = refusal or Decision(DENIED, DESTRUCTIVE_DENIED, (rule.id,))
                     if trace is not None:
@@ -330,7 +338,7 @@ def decide(policies: PolicySet, server: str, kind: str, name: str, principal: An
             continue
         if trace is not None:
             trace.append(Step(rule, "allows"))
-        return _by_rule(ALLOWED, RULE_ALLOWS, rule.id)
+        return _ALLOWS.get(rule.id) or _by_rule(ALLOWED, RULE_ALLOWS, rule.id)
 
     if step_up is not None:
         return step_up
