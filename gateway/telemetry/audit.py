@@ -109,8 +109,8 @@ def finish(ex: "Exchange", enabled: bool = True) -> None:
         "outcome": ex.outcome,
         "era": ex.era,
         "principal": memo(name) or scrub_text(name),
-        "issuer": memo(p.issuer) or scrub_text(p.issuer),
-        "client_id": memo(p.client_id) or scrub_text(p.client_id),
+        "issuer": p.issuer and (memo(p.issuer) or scrub_text(p.issuer)),            # "" when anonymous
+        "client_id": p.client_id and (memo(p.client_id) or scrub_text(p.client_id)),
         "duration_ms": int(elapsed * 1e6) / 1000,     # microsecond resolution
     }
     if method is not None:
