@@ -46,6 +46,11 @@ class TokenCache(Generic[V]):
         self.hits = 0
         self.misses = 0
 
+    @property
+    def entries(self) -> "OrderedDict[str, tuple[float, V]]":
+        """token -> (expires, value), for a hot path that checks ``expires`` itself (see Authn.check)."""
+        return self._data
+
     def get(self, token: str, now: float | None = None) -> V | None:
         item = self._data.get(token)
         if item is None:

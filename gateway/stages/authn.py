@@ -16,6 +16,7 @@ results, so a token for ``/mcp/a`` is still refused at ``/mcp/b``.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable
 
@@ -33,6 +34,7 @@ from ..pipeline import ANONYMOUS, Exchange
 from ..telemetry.metrics import AUTH_VERIFICATIONS, BOUND
 
 log = structlog.get_logger("gateway.auth")
+_AUTHORIZATION = hdrs.AUTHORIZATION
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,7 @@ class Authn:
         self.idle = self._none          # the gateway skips on_request: Exchange starts ANONYMOUS
         self._max = auth.max_token_bytes
         self._cache: TokenCache[Verified] = TokenCache(auth.cache_size)
+        self._entries = self._cache.entries
         self._keysets = {i.issuer: KeySet(i, auth.fetch_timeout) for i in auth.issuers}
         self._verifier = JwtVerifier(self._keysets)
         self._own_session: aiohttp.ClientSession | None = None
@@ -110,17 +113,23 @@ class Authn:
             ex.principal = ANONYMOUS
             return None
         mount = self._mounts[ex.server.name]
-        values = ex.request.headers.getall(hdrs.AUTHORIZATION, ())
+        values = ex.request.headers.getall(_AUTHORIZATION, ())
         if len(values) != 1:
             if not values:
                 raise mount.no_token()
             raise self._refuse(ex, "duplicate_authorization", "two Authorization headers", status=400)
         value = values[0]
         # Hot path: the whole header value is the cache key, so a hit costs no parsing at all;
-        # only values that passed every check below were ever stored.
-        verified = self._cache.get(value)
-        if verified is None:
-            return self._verify_then_accept(ex, mount, value)
+        # only values that passed every check below were ever stored.  A live entry is read
+        # directly (TokenCache.get, inlined); anything else goes through get() (expiry, LRU).
+        item = self._entries.get(value)
+        if item is not None and item[0] > time.time():
+            self._entries.move_to_end(value)
+            verified = item[1]
+        else:
+            verified = self._cache.get(value)
+            if verified is None:
+                return self._verify_then_accept(ex, mount, value)
         audiences = verified.audiences
         if (verified.refusal is None and verified.issuer in mount.trusted
                 and (mount.resource in audiences or ANY_AUDIENCE in audiences)):
