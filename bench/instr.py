@@ -14,7 +14,9 @@ target is counted: the upstream and this client run natively.
 Targets: ``bare`` (bench/bare_proxy.py, uvloop), ``gateway`` (bench/policy.yaml, tofu
 pinning, audit and metrics on, auth none: the bench's config), ``gateway-allow``
 (allow-all policy, pinning off, audit off), ``gateway-jwt`` (``gateway`` + RS256 JWT
-with a warm verified-token cache).  ``--keep`` keeps the callgrind files for
+with a warm verified-token cache), ``bare-token`` (the bare proxy sent the same
+~800-byte Bearer header: what carrying the token costs a proxy that ignores it; the
+bench's bare-uvloop target is sent none).  ``--keep`` keeps the callgrind files for
 ``callgrind_annotate``; ``-c 16`` spreads the requests over 16 connections (more
 work per event-loop iteration, as under load).
 
@@ -50,7 +52,7 @@ from .targets import POLICY, SERVER_NAME
 ROOT = Path(__file__).resolve().parent.parent
 ALLOW_ALL = {"servers": {"*": {"default": "allow", "destructive": "allow",
                                "methods": [{"id": "all", "match": ["**"]}]}}}
-TARGETS = ("bare", "gateway", "gateway-allow", "gateway-jwt")
+TARGETS = ("bare", "bare-token", "gateway", "gateway-allow", "gateway-jwt")
 
 
 async def _read_line(proc: asyncio.subprocess.Process, prefix: str, timeout: float) -> str:
@@ -193,12 +195,14 @@ async def measure(kind: str, upstream: str, work: Path, n: int, conc: int, warmu
                f"--callgrind-out-file={out_file}", python, *module]
     log = open(work / f"{kind}.log", "wb")
     extra: dict[str, str] = {}
-    if kind == "bare":
+    if kind.startswith("bare"):
         argv = [*run, "bench.bare_proxy", "--uvloop", "--upstream", upstream]
         proc = await asyncio.create_subprocess_exec(*argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
                                                     stderr=log)
         port = json.loads(await _read_line(proc, "BENCH_READY ", 600))["port"]
         url = f"http://127.0.0.1:{port}/mcp"
+        if issuer is not None and kind == "bare-token":
+            extra["Authorization"] = "Bearer " + issuer.mint(url)   # forwarded; the upstream ignores it
     else:
         cfg, port, admin = _gateway_config(work, upstream, kind, issuer)
         argv = [*run, "gateway", "serve", "-c", str(cfg)]
@@ -259,7 +263,7 @@ async def main_async(args: argparse.Namespace) -> None:
     results = []
     try:
         upstream = f"http://127.0.0.1:{json.loads(await _read_line(up, 'BENCH_READY ', 60))['port']}"
-        if "gateway-jwt" in args.targets:
+        if "gateway-jwt" in args.targets or "bare-token" in args.targets:
             issuer = await LocalIssuer.start()
         for kind in args.targets:
             runs = []
