@@ -22,7 +22,8 @@ work per event-loop iteration, as under load).
 
 Attribution helpers: ``--profiler cprofile`` runs the target natively and saves a
 cProfile of just the counted requests (call counts are exact, times are not);
-``--preload FILE`` executes FILE in the target before it starts, to measure a
+``--profiler strace`` runs it natively under ``strace -c -f`` (which system calls, how
+many per request); ``--preload FILE`` executes FILE in the target before it starts, to measure a
 change (a monkeypatch) without editing the tree.
 """
 from __future__ import annotations
@@ -182,6 +183,27 @@ def _preloaded(argv: list[str]) -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
+async def _straced(pid: int, out_file: Path, load: Any) -> int:
+    """Run ``load`` with ``strace -c -f`` attached to ``pid``; return the syscalls counted.
+
+    strace announces each attached thread on stderr; the load starts after the first line.
+    """
+    tracer = await asyncio.create_subprocess_exec(
+        "strace", "-c", "-f", "-o", str(out_file), "-p", str(pid), stderr=asyncio.subprocess.PIPE)
+    assert tracer.stderr is not None
+    try:
+        line = await asyncio.wait_for(tracer.stderr.readline(), 30)
+        if b"attached" not in line:
+            raise RuntimeError(f"strace did not attach: {line!r}")
+        await load
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        await asyncio.wait_for(tracer.wait(), 30)
+    table = out_file.read_text()
+    total = re.search(r"^100\.00\s+\S+\s+\S+\s+(\d+)", table, re.M)
+    return int(total.group(1)) if total else 0
+
+
 async def measure(kind: str, upstream: str, work: Path, n: int, conc: int, warmup: int,
                   issuer: LocalIssuer | None, python: str, keep: bool,
                   profiler: str = "callgrind", preload: str | None = None) -> dict[str, Any]:
@@ -189,6 +211,9 @@ async def measure(kind: str, upstream: str, work: Path, n: int, conc: int, warmu
     if profiler == "cprofile":
         out_file = work / f"cprofile.{kind}.prof"
         run = [python, "-m", "bench.instr", "_cprofile", str(out_file), *module]
+    elif profiler == "strace":
+        out_file = work / f"strace.{kind}.txt"
+        run = [python, *module]
     else:
         out_file = work / f"callgrind.{kind}.out"
         run = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-systime=yes",
@@ -227,6 +252,9 @@ async def measure(kind: str, upstream: str, work: Path, n: int, conc: int, warmu
             proc.send_signal(signal.SIGUSR2)
             await asyncio.sleep(1.0)
             dumps = [str(out_file)]
+        elif profiler == "strace":
+            totals["sysCount"] = await _straced(proc.pid, out_file, _load(url, headers, n, conc, 2_000_000))
+            dumps = [str(out_file)]
         else:
             for f in glob.glob(f"{out_file}*"):
                 os.unlink(f)
@@ -251,7 +279,7 @@ async def measure(kind: str, upstream: str, work: Path, n: int, conc: int, warmu
     served = (n // conc) * conc
     return {"target": kind, "requests": served, "conc": conc, "Ir": totals.get("Ir", 0),
             "Ir/req": totals.get("Ir", 0) / served, "sys/req": totals.get("sysCount", 0) / served,
-            "file": dumps[-1] if (keep or profiler == "cprofile") and dumps else None}
+            "file": dumps[-1] if (keep or profiler != "callgrind") and dumps else None}
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -314,8 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--preload", help="a Python file executed in the target before it starts (experiments)")
-    ap.add_argument("--profiler", choices=("callgrind", "cprofile"), default="callgrind",
-                    help="cprofile: no valgrind; saves a cProfile of the counted requests instead")
+    ap.add_argument("--profiler", choices=("callgrind", "cprofile", "strace"), default="callgrind",
+                    help="cprofile: no valgrind; saves a cProfile of the counted requests instead; "
+                         "strace: no valgrind; `strace -c -f` table of the counted requests' syscalls")
     args = ap.parse_args(argv)
     unknown = set(args.targets) - set(TARGETS)
     if unknown:

@@ -19,7 +19,6 @@ import orjson
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from .errors import (
     GatewayError, SessionNotFound, UpstreamAuthRefused, UpstreamInvalid, UpstreamTimeout,
@@ -27,6 +26,7 @@ from .errors import (
 )
 from .inspect.sse import SSEFramer, SSETooLarge, encode_event
 from .telemetry.metrics import BOUND, SESSIONS, SSE_EVENTS_TALLY, UPSTREAM_ERRORS
+from .upstream_http import Pool, Response
 
 if TYPE_CHECKING:
     from .config.model import Config, ServerConfig
@@ -40,7 +40,7 @@ log = structlog.get_logger("gateway.upstream")
 _DROP_REQUEST = frozenset({
     "host", "content-length", "connection", "keep-alive", "proxy-authenticate",
     "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-    "authorization", "cookie", "accept-encoding", "mcp-session-id", "origin", "referer",
+    "authorization", "cookie", "accept-encoding", "mcp-session-id", "origin", "referer", "expect",
     "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
 })
 # Never relayed to the client: hop-by-hop, the upstream's own session id (the
@@ -113,15 +113,26 @@ def error_body(err: GatewayError, rpc_id: Any) -> bytes:
 
 
 class Upstreams:
-    """Connection pools, one per server, created and closed with the app."""
+    """Per server: the forwarding pool, and a small client for the gateway's own calls.
+
+    ``pools`` (``upstream_http.Pool``, up to ``max_connections``) carry every
+    proxied request.  ``clients`` (aiohttp, at most ``_CONTROL_CONNECTIONS``)
+    carry what the gateway itself asks an upstream (the tool listings pinning
+    fetches); neither keeps cookies, follows redirects or decompresses.
+    """
+
+    _CONTROL_CONNECTIONS = 4
 
     def __init__(self, config: "Config") -> None:
         self._config = config
+        self.pools: dict[str, Pool] = {}
         self.clients: dict[str, aiohttp.ClientSession] = {}
 
     async def start(self) -> None:
         for name, server in self._config.servers.items():
-            connector = aiohttp.TCPConnector(limit=server.max_connections, ttl_dns_cache=60,
+            self.pools[name] = Pool(server.url, limit=server.max_connections,
+                                    connect_timeout=server.connect_timeout, read_timeout=server.read_timeout)
+            connector = aiohttp.TCPConnector(limit=self._CONTROL_CONNECTIONS, ttl_dns_cache=60,
                                              enable_cleanup_closed=True)
             self.clients[name] = aiohttp.ClientSession(
                 connector=connector,
@@ -129,10 +140,12 @@ class Upstreams:
                                               sock_read=server.read_timeout),
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)
+        await asyncio.gather(*(p.close() for p in self.pools.values()),
+                             *(c.close() for c in self.clients.values()), return_exceptions=True)
 
 
 class Forwarder:
@@ -147,8 +160,6 @@ class Forwarder:
         self._response_filter = _HeaderFilter(_DROP_RESPONSE)
         self._event_limit = config.limits.max_sse_event_bytes
         self._json_limit = config.limits.max_response_bytes
-        # Parsed once: yarl parsing a URL string costs more than the rest of the request setup.
-        self._urls = {name: URL(s.url) for name, s in config.servers.items()}
 
     def _base_headers(self, ex: "Exchange") -> dict[str, str]:
         """The client's headers minus everything in ``_DROP_REQUEST`` (and ``Connection``'s list)."""
@@ -173,14 +184,13 @@ class Forwarder:
 
     async def forward(self, ex: "Exchange") -> web.StreamResponse:
         server = ex.server
-        client = self._upstreams.clients[server.name]
+        pool = self._upstreams.pools[server.name]
         if server.name in self._creds or ex.extra_upstream_headers:
             headers = await self._headers(ex)
         else:
             headers = self._base_headers(ex)      # no upstream credentials: nothing to await
         try:
-            resp = await client.request(ex.request.method, self._urls[server.name], data=ex.body, headers=headers,
-                                        allow_redirects=False)
+            resp = await pool.request(ex.request.method, headers, ex.body)
         except asyncio.TimeoutError as exc:
             self._count(server, "timeout")
             raise UpstreamTimeout("the upstream MCP server did not answer in time") from exc
@@ -220,7 +230,7 @@ class Forwarder:
     def _count(self, server: "ServerConfig", reason: str) -> None:
         BOUND.get(UPSTREAM_ERRORS, server.name, reason).inc()
 
-    async def _relay(self, ex: "Exchange", resp: aiohttp.ClientResponse) -> tuple[web.StreamResponse, bool]:
+    async def _relay(self, ex: "Exchange", resp: Response) -> tuple[web.StreamResponse, bool]:
         status = resp.status
         server = ex.server
         if status >= 300:
@@ -279,7 +289,7 @@ class Forwarder:
                     break
         return web.Response(status=status, body=body, headers=out_headers), False
 
-    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+    async def _read_body(self, resp: Response) -> bytes:
         """The whole body, or the first ``limit + 1`` bytes when it is larger.
 
         ``StreamReader.read(n)`` returns what is buffered *up to* n bytes, not n
@@ -351,7 +361,7 @@ class Forwarder:
 
     # -- SSE ----------------------------------------------------------------------
 
-    async def _relay_sse(self, ex: "Exchange", resp: aiohttp.ClientResponse,
+    async def _relay_sse(self, ex: "Exchange", resp: Response,
                          headers: CIMultiDict[str]) -> tuple[web.StreamResponse, bool]:
         headers["X-Accel-Buffering"] = "no"
         headers.setdefault("Cache-Control", "no-cache")
@@ -417,7 +427,7 @@ class Forwarder:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             pass
 
-    def _client_gone(self, ex: "Exchange", resp: aiohttp.ClientResponse) -> bool:
+    def _client_gone(self, ex: "Exchange", resp: Response) -> bool:
         """The client disconnected mid-stream: mirror the disconnect upstream.
 
         The upstream then applies its own era's rule, exactly as if the client

@@ -19,13 +19,16 @@ from tests.support.gw_helpers import (
 
 UPSTREAM_KEY = "e2e-upstream-key-" + uuid.uuid4().hex
 UPSTREAM_BEARER = "e2e-upstream-bearer-" + uuid.uuid4().hex
+UPSTREAM_COOKIE = "e2e-upstream-cookie-" + uuid.uuid4().hex
 APP_ORIGIN = "https://app.example.com"
 
 
 @pytest.fixture(scope="module")
 def upstreams(stack: Stack) -> list[Upstream]:
-    # The second answers 401 unless it gets its own bearer token.
-    return stack.upstreams({}, {"require_bearer": UPSTREAM_BEARER})
+    # The second answers 401 unless it gets its own bearer token; the third sets a cookie
+    # on every response (reached by a host name: cookie jars refuse cookies from IPs).
+    return stack.upstreams({}, {"require_bearer": UPSTREAM_BEARER},
+                           {"set_cookie": f"upstream-session={UPSTREAM_COOKIE}", "dns_rebinding_protection": False})
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +42,19 @@ def guarded(upstreams: list[Upstream]) -> Upstream:
 
 
 @pytest.fixture(scope="module")
-def gw(stack: Stack, up: Upstream, guarded: Upstream) -> Gateway:
+def cookie_setter(upstreams: list[Upstream]) -> Upstream:
+    return upstreams[2]
+
+
+@pytest.fixture(scope="module")
+def gw(stack: Stack, up: Upstream, guarded: Upstream, cookie_setter: Upstream) -> Gateway:
     return stack.gateway(
         {"servers": {
             "up": {"url": up.url, "credentials": {"header": "X-Api-Key", "value": "env:E2E_UPSTREAM_KEY"}},
             "guarded": {"url": guarded.url,
                         "credentials": {"header": "Authorization", "value": "env:E2E_UPSTREAM_BEARER"}},
             "guarded-nocreds": {"url": guarded.url},
+            "cookies": {"url": cookie_setter.url.replace("127.0.0.1", "localhost")},
         },
          "http": {"allowed_origins": [APP_ORIGIN]}},
         env={"E2E_UPSTREAM_KEY": UPSTREAM_KEY, "E2E_UPSTREAM_BEARER": f"Bearer {UPSTREAM_BEARER}"},
@@ -201,6 +210,21 @@ async def test_an_upstream_auth_challenge_becomes_502_and_is_never_relayed(
     assert_refused(reply, 502, -32000, "upstream_auth_refused", rpc_id)
     assert "WWW-Authenticate" not in reply.headers
     assert "authorization" not in record_of(guarded, rpc_id)["headers"]
+
+
+async def test_an_upstreams_cookies_are_neither_relayed_nor_replayed_to_it_for_the_next_caller(
+        http: Any, gw: Gateway, cookie_setter: Upstream) -> None:
+    # One connection pool serves every principal: a cookie jar in it would hand one
+    # caller's upstream session cookie to the next caller.
+    ids = [f"cookie-{i}-{uuid.uuid4().hex[:8]}" for i in range(3)]
+    for rpc_id in ids:
+        reply = await post(http, gw.url("cookies"), listed(rpc_id), modern_headers("tools/list"), version=None)
+        assert reply.status == 200, reply.body
+        assert "Set-Cookie" not in reply.headers
+    for rpc_id in ids:
+        seen = record_of(cookie_setter, rpc_id)
+        assert seen is not None and seen["headers"]["host"] == f"localhost:{cookie_setter.port}"
+        assert "cookie" not in seen["headers"], seen["headers"]
 
 
 # --------------------------------------------------------------------------- listeners

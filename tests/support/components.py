@@ -121,7 +121,8 @@ class Upstream:
 
 def start_upstream(workdir: Path, *, port: int = 0, json_response: bool = False, stateless: bool = False,
                    require_bearer: str | None = None, retry_interval_ms: int | None = None,
-                   echo_description: str | None = None, dns_rebinding_protection: bool = True) -> Upstream:
+                   echo_description: str | None = None, dns_rebinding_protection: bool = True,
+                   set_cookie: str | None = None) -> Upstream:
     """Start the SDK upstream on 127.0.0.1 (``port=0``: the kernel picks) with a fresh record file."""
     workdir.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
@@ -140,13 +141,15 @@ def start_upstream(workdir: Path, *, port: int = 0, json_response: bool = False,
         argv += ["--echo-description", echo_description]
     if not dns_rebinding_protection:
         argv.append("--no-dns-rebinding-protection")
+    if set_cookie is not None:
+        argv += ["--set-cookie", set_cookie]
     proc, match = start(argv, name=f"upstream-{tag}", log_path=workdir / f"upstream-{tag}.log", cwd=REPO,
                         ready_line=r"^UPSTREAM_READY (\{.*\})$", ready_timeout=30)
     assert match is not None
     info = json.loads(match.group(1))
     options = {"json_response": json_response, "stateless": stateless, "require_bearer": require_bearer,
                "retry_interval_ms": retry_interval_ms, "echo_description": echo_description,
-               "dns_rebinding_protection": dns_rebinding_protection}
+               "dns_rebinding_protection": dns_rebinding_protection, "set_cookie": set_cookie}
     return Upstream(url=info["url"], port=info["port"], proc=proc, record_path=record, options=options)
 
 

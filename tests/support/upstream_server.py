@@ -4,7 +4,7 @@ Run it as a process (the ``upstream`` fixture does)::
 
     python -m tests.support.upstream_server --port 0 [--json-response] [--stateless]
         [--record FILE] [--require-bearer TOKEN] [--retry-interval MS]
-        [--echo-description TEXT] [--no-dns-rebinding-protection]
+        [--echo-description TEXT] [--no-dns-rebinding-protection] [--set-cookie NAME=VALUE]
 
 It binds 127.0.0.1 (port 0 lets the kernel choose) and prints one line once it accepts
 connections::
@@ -218,12 +218,15 @@ ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Call
 
 
 class RecordAndGuard:
-    """ASGI wrapper: records each HTTP request (``--record``) and enforces ``--require-bearer``."""
+    """ASGI wrapper: records each HTTP request (``--record``), enforces ``--require-bearer``
+    and adds ``--set-cookie`` to every response."""
 
-    def __init__(self, app: ASGIApp, record_path: str | None, bearer: str | None) -> None:
+    def __init__(self, app: ASGIApp, record_path: str | None, bearer: str | None,
+                 set_cookie: str | None = None) -> None:
         self.app = app
         self.record_path = record_path
         self.bearer = bearer
+        self.cookie = set_cookie.encode("latin-1") if set_cookie else None
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -256,7 +259,19 @@ class RecordAndGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
+        if self.cookie is not None:
+            send = self._cookie_sender(send)
         await self.app(scope, replay, send)
+
+    def _cookie_sender(self, send: Any) -> Any:
+        cookie = b"set-cookie", self.cookie + b"; Path=/; HttpOnly"
+
+        async def with_cookie(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), cookie]}
+            await send(message)
+
+        return with_cookie
 
     def _record(self, scope: MutableMapping[str, Any], headers: dict[str, str], body: bytes) -> None:
         parsed: Any = None
@@ -330,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-interval", type=int, metavar="MS", help="SSE retry field sent to legacy clients")
     parser.add_argument("--echo-description", help="replace the echo tool's description (rug-pull tests)")
     parser.add_argument("--no-dns-rebinding-protection", action="store_true")
+    parser.add_argument("--set-cookie", metavar="NAME=VALUE", help="a Set-Cookie header on every response")
     args = parser.parse_args(argv)
 
     mcp = build_server(args.echo_description)
@@ -350,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     sock.bind(("127.0.0.1", args.port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        RecordAndGuard(app, args.record, args.require_bearer),
+        RecordAndGuard(app, args.record, args.require_bearer, args.set_cookie),
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=2,
