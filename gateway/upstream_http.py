@@ -380,6 +380,8 @@ class Pool:
 
     async def _acquire(self, fresh: bool = False) -> _Connection:
         while True:
+            if self._closed:
+                raise UpstreamConnectError("the upstream pool is closed")
             if not fresh and self._idle:
                 return self._idle.pop()
             if len(self._open) + self._connecting < self._limit:
@@ -389,7 +391,8 @@ class Pool:
             try:
                 conn = await waiter
             except BaseException:
-                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                if (waiter.done() and not waiter.cancelled() and waiter.exception() is None
+                        and waiter.result() is not None):
                     self._release(waiter.result())     # handed over as we were cancelled
                 raise
             if conn is not None and not conn.closed:
@@ -459,12 +462,12 @@ class Pool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for conn in list(self._open):
-            conn.abandon()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(UpstreamConnectError("the upstream pool is closed"))
+        for conn in list(self._open):
+            conn.abandon()
 
 
 __all__ = ["Pool", "Response", "UpstreamConnectError", "UpstreamDisconnected", "UpstreamPayloadError",
