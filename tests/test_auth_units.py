@@ -6,6 +6,7 @@ through the same code path as in production.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -47,6 +48,7 @@ class AS:
         self.metadata_issuer: str | None = None
         self.jwks_redirect = False
         self.jwks_status = 200
+        self.served: asyncio.Queue[int] = asyncio.Queue()     # the fetch count, after each JWKS fetch
 
     def app(self) -> web.Application:
         async def metadata(request: web.Request) -> web.Response:
@@ -59,6 +61,7 @@ class AS:
             self.fetches += 1
             if self.jwks_redirect:
                 raise web.HTTPFound("http://127.0.0.1:9/evil-jwks")
+            self.served.put_nowait(self.fetches)
             return web.json_response({"keys": self.keys}, status=self.jwks_status)
 
         app = web.Application()
@@ -155,6 +158,28 @@ async def test_unknown_kid_refetches_once_per_cooldown(issuer, session) -> None:
             token = sign(new, "RS256", kid=f"random-{i}", iss=issuer.issuer)
             assert await refused(v, token, issuer.issuer) == "token_unknown_kid"
         assert issuer.fetches == 2, "a flood of unknown kids must not hammer the IdP"
+    finally:
+        await keys.close()
+
+
+async def test_unknown_kids_inside_the_cooldown_schedule_one_fetch_when_it_ends(issuer, session) -> None:
+    old = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    new = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    issuer.keys = [public_jwk(old, "old", "RS256")]
+    v, keys = await verifier(issuer, session, jwks_cooldown=0.3)
+    try:
+        assert await issuer.served.get() == 1                            # the start-up fetch
+        issuer.keys.insert(0, public_jwk(new, "new", "RS256"))           # the AS rotates
+        token = sign(new, "RS256", kid="new", iss=issuer.issuer)
+        for i in range(20):                                              # inside the cool-down
+            assert await refused(v, sign(new, "RS256", kid=f"x-{i}", iss=issuer.issuer),
+                                 issuer.issuer) == "token_unknown_kid"
+        assert await refused(v, token, issuer.issuer) == "token_unknown_kid"
+        assert issuer.fetches == 1
+        assert await asyncio.wait_for(issuer.served.get(), 5.0) == 2    # one fetch as the cool-down ends
+        await asyncio.wait_for(keys._inflight, 5.0)
+        ok = await v.verify(token, frozenset({issuer.issuer}))
+        assert ok.principal.subject == "alice" and issuer.fetches == 2
     finally:
         await keys.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.telemetry import metrics
@@ -75,17 +76,24 @@ def test_level_tally_sets_the_gauge() -> None:
         metrics._TALLIES.remove(level)
 
 
-async def test_flush_every_flushes_periodically_and_on_cancel() -> None:
+async def test_flush_every_flushes_periodically_and_on_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
     reg = CollectorRegistry()
     counter = Counter("t_periodic", "doc", ["server"], registry=reg)
     tally = Tally(counter)
+    flushes = asyncio.Queue[None]()
+    real_flush = metrics.flush
+
+    def observed_flush() -> None:      # the real flush, announced
+        real_flush()
+        flushes.put_nowait(None)
+
+    monkeypatch.setattr(metrics, "flush", observed_flush)
     try:
         tally.inc(("a",))
         task = asyncio.ensure_future(metrics.flush_every(0.01))
-        for _ in range(200):
-            await asyncio.sleep(0.01)
-            if reg.get_sample_value("t_periodic_total", {"server": "a"}) == 1:
-                break
+        await asyncio.wait_for(flushes.get(), 5.0)
+        assert reg.get_sample_value("t_periodic_total", {"server": "a"}) == 1
+        await asyncio.wait_for(flushes.get(), 5.0)       # and again, without new requests
         assert reg.get_sample_value("t_periodic_total", {"server": "a"}) == 1
         tally.inc(("a",))
         task.cancel()

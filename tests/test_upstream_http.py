@@ -464,19 +464,20 @@ async def test_https_upstreams_are_verified_against_the_trust_store(peers: list[
 
 async def test_the_pool_never_opens_more_than_its_limit_and_queued_requests_all_complete(
         peers: list[Peer]) -> None:
-    in_flight = 0
+    open_now = 0
     most = 0
 
     async def handler(peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal in_flight, most
-        while True:
-            await peer.read_request(reader)
-            in_flight += 1
-            most = max(most, in_flight)
-            await asyncio.sleep(0)        # yield so other connections' requests interleave
-            in_flight -= 1
-            writer.write(ok())
-            await writer.drain()
+        nonlocal open_now, most
+        open_now += 1
+        most = max(most, open_now)
+        try:
+            while True:
+                await peer.read_request(reader)
+                writer.write(ok())
+                await writer.drain()
+        finally:
+            open_now -= 1
 
     peer = await start(peers, handler)
     pool = pool_for(peer.url, limit=2)
@@ -487,7 +488,7 @@ async def test_the_pool_never_opens_more_than_its_limit_and_queued_requests_all_
     try:
         bodies = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(20))), WAIT)
         assert bodies == [b'{"ok":true}'] * 20
-        assert peer.accepted == 2 and most <= 2 and pool.open_connections <= 2
+        assert peer.accepted == 2 and most == 2 and pool.open_connections == 2
     finally:
         await pool.close()
 
@@ -533,8 +534,11 @@ async def test_closing_the_pool_fails_waiting_requests_and_closes_every_connecti
     pool = pool_for(peer.url, limit=1)
     first = asyncio.ensure_future(pool.request("POST", {}, b"{}"))
     await asyncio.wait_for(arrived.wait(), WAIT)          # the first request is at the upstream
-    second = asyncio.ensure_future(pool.request("POST", {}, b"{}"))   # queued behind the limit
-    await asyncio.sleep(0)
+    second = asyncio.ensure_future(pool.request("POST", {}, b"{}"))
+    stepped = asyncio.Event()
+    asyncio.get_running_loop().call_soon(stepped.set)     # runs after the new task's first step
+    await asyncio.wait_for(stepped.wait(), WAIT)
+    assert len(pool._waiters) == 1                        # queued behind the limit
     await pool.close()
     for fut in (first, second):
         with pytest.raises((UpstreamConnectError, UpstreamDisconnected)):

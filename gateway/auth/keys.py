@@ -100,6 +100,7 @@ class KeySet:
         self._inflight: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._deferred: asyncio.TimerHandle | None = None
         self.fetches = 0
 
     # -- request path ---------------------------------------------------------
@@ -116,6 +117,25 @@ class KeySet:
     def may_refetch(self) -> bool:
         return self.fetched_at is None or time.monotonic() - self.fetched_at >= self.cfg.jwks_cooldown
 
+    def refetch_after_cooldown(self) -> None:
+        """An unknown kid inside the cool-down: fetch once the cool-down ends.
+
+        A rotated key then becomes known without waiting for the next periodic
+        refresh, while fetches stay at most one per cool-down whatever kids
+        clients send (at most one deferred fetch is pending).
+        """
+        if self._deferred is not None or self.fetched_at is None:
+            return
+        delay = max(0.0, self.fetched_at + self.cfg.jwks_cooldown - time.monotonic())
+        self._deferred = asyncio.get_running_loop().call_later(delay, self._deferred_fetch)
+
+    def _deferred_fetch(self) -> None:
+        self._deferred = None
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.create_task(self._fetch())
+            # A failure is logged and counted by _fetch; nothing awaits this task.
+            self._inflight.add_done_callback(lambda t: t.cancelled() or t.exception())
+
     # -- lifecycle --------------------------------------------------------------
     async def start(self, session: aiohttp.ClientSession) -> None:
         """Fetch once (a failure is logged, not fatal) and keep refreshing in the background."""
@@ -127,6 +147,9 @@ class KeySet:
         self._loop_task = asyncio.create_task(self._refresh_loop(), name=f"jwks:{self.cfg.issuer}")
 
     async def close(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
         for task in (self._loop_task, self._inflight):
             if task is not None and not task.done():
                 task.cancel()

@@ -181,6 +181,7 @@ class JwtVerifier:
                 return key
         if not keys.loaded:
             raise AuthFailure("issuer_unavailable", f"keys of {keys.cfg.issuer} are not available yet", status=503)
+        keys.refetch_after_cooldown()
         raise AuthFailure("token_unknown_kid", f"no {alg} key with kid {shown(kid)!r} in the JWKS of "
                           f"{keys.cfg.issuer}" + ("" if keys.may_refetch() else " (refetch cooling down)"))
 
