@@ -25,7 +25,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .inspect.sse import SSEFramer, SSETooLarge, encode_event
-from .telemetry.metrics import BOUND, SESSIONS, SSE_EVENTS_TALLY, UPSTREAM_ERRORS
+from .telemetry.metrics import BOUND, SESSIONS, SSE_EVENTS_TALLY, UPSTREAM_CONNECTIONS, UPSTREAM_ERRORS, Sampler
 from .upstream_http import Pool, Response
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ class Upstreams:
         self._config = config
         self.pools: dict[str, Pool] = {}
         self.clients: dict[str, aiohttp.ClientSession] = {}
+        self._sampler: Sampler | None = None
 
     async def start(self) -> None:
         for name, server in self._config.servers.items():
@@ -142,8 +143,16 @@ class Upstreams:
                 skip_auto_headers=("User-Agent",),
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
+        self._sampler = Sampler(self._sample)
+
+    def _sample(self) -> None:
+        for name, pool in self.pools.items():
+            BOUND.get(UPSTREAM_CONNECTIONS, name, "open").set(pool.open_connections)
+            BOUND.get(UPSTREAM_CONNECTIONS, name, "idle").set(pool.idle_connections)
 
     async def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.close()
         await asyncio.gather(*(p.close() for p in self.pools.values()),
                              *(c.close() for c in self.clients.values()), return_exceptions=True)
 

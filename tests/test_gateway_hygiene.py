@@ -5,6 +5,7 @@ What reached the upstream is read from its record file, never inferred from the 
 """
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -258,6 +259,10 @@ async def test_health_readiness_and_metrics_live_on_the_admin_listener(http: Any
     assert 'mcpgw_rejections_total{reason="origin_rejected",server="up"}' in text
     for family in ("mcpgw_request_duration_seconds_bucket", "mcpgw_inflight_requests", "mcpgw_build_info"):
         assert family in text
+    # The forwarding pool kept the connection that served the request alive.
+    pool = {state: float(n) for state, n in re.findall(
+        r'^mcpgw_upstream_connections\{server="up",state="(open|idle)"\} (\S+)$', text, re.M)}
+    assert pool.keys() == {"open", "idle"} and pool["open"] >= pool["idle"] >= 1, pool
     assert (await request(http, "GET", gw.admin_url + "/mcp/up")).status == 404
 
 

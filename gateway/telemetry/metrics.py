@@ -65,6 +65,11 @@ UPSTREAM_ERRORS = Counter(
 INFLIGHT = Gauge(
     "mcpgw_inflight_requests", "Requests in progress, by server.", ["server"], multiprocess_mode="livesum",
 )
+UPSTREAM_CONNECTIONS = Gauge(
+    "mcpgw_upstream_connections", "Connections of the forwarding pool, by server and state "
+    "(open: all, idle included; idle: kept alive, waiting for a request).",
+    ["server", "state"], multiprocess_mode="livesum",
+)
 SSE_EVENTS = Counter("mcpgw_sse_events_total", "SSE events relayed to clients, by server.", ["server"])
 SESSIONS = Counter(
     "mcpgw_sessions_total", "Gateway sessions created and terminated, by server and action.", ["server", "action"],
@@ -169,6 +174,23 @@ class HistogramTally:
             for i, n in enumerate(rec[1:]):
                 if n:
                     child._buckets[i].inc(n)
+
+
+class Sampler:
+    """A function run at every flush: gauges read off live objects (connection pools)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        _TALLIES.append(self)
+
+    def flush(self) -> None:
+        self.fn()
+
+    def close(self) -> None:
+        if self in _TALLIES:
+            _TALLIES.remove(self)
 
 
 _TALLIES: list[Any] = []
