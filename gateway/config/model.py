@@ -50,6 +50,7 @@ class Limits:
     connect_timeout: float = 5.0
     read_timeout: float = 300.0            # upstream silence (headers or between bytes) -> 504
     max_connections_per_server: int = 256
+    max_tools_per_page: int = 1000         # a tools/list page with more is refused before it is scanned
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +173,7 @@ def _limits(r: Reader) -> Limits:
         connect_timeout=sub.duration("connect_timeout", d.connect_timeout, min=0.001),
         read_timeout=sub.duration("read_timeout", d.read_timeout, min=0.001),
         max_connections_per_server=sub.int("max_connections_per_server", d.max_connections_per_server, min=1),
+        max_tools_per_page=sub.int("max_tools_per_page", d.max_tools_per_page, min=1),
     )
     sub.done()
     return limits

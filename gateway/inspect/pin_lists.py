@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..errors import UpstreamInvalid
+from ..telemetry.metrics import BOUND, UPSTREAM_ERRORS
 from .catalog import Entry, ToolCatalog
 from .fingerprint import set_fingerprint
 from .names import NameIndex
@@ -57,8 +59,10 @@ class Listing:
 class ListJudge:
     """Judges pages for every pinned server of this replica (no I/O, no awaits)."""
 
-    def __init__(self, servers: dict[str, ServerPins], catalog: ToolCatalog, signals: Signals) -> None:
+    def __init__(self, servers: dict[str, ServerPins], catalog: ToolCatalog, signals: Signals,
+                 max_tools: int = 1000) -> None:
         self.servers = servers
+        self.max_tools = max_tools
         self.catalog = catalog
         self.signals = signals
         self._listings: dict[tuple[str, str], Listing] = {}
@@ -76,6 +80,11 @@ class ListJudge:
         approved set and name index reuses that judgement: every listing after
         the first costs one ``orjson.dumps`` of the page, not 50 lookups.
         """
+        if len(tools) > self.max_tools:
+            # Scanning costs ~0.1 ms per new definition, on the event loop: bounded here.
+            BOUND.get(UPSTREAM_ERRORS, st.name, "too_many_tools").inc()
+            raise UpstreamInvalid(f"the upstream listed {len(tools)} tools in one page; the gateway's limit is "
+                                  f"{self.max_tools} (limits.max_tools_per_page)", reason="upstream_too_many_tools")
         index = self.name_index()
         try:
             key: bytes | None = orjson.dumps(tools)

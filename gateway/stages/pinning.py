@@ -65,7 +65,7 @@ class Pinning:
             name: ServerPins(name, s.pinning, pins_dir, self.signals)
             for name, s in config.servers.items() if s.pinning is not None and s.pinning.enabled
         }
-        self.lists = ListJudge(self.servers, catalog, self.signals)
+        self.lists = ListJudge(self.servers, catalog, self.signals, config.limits.max_tools_per_page)
         self._refreshing: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._replica = secrets.token_hex(4)   # to ignore our own stale notices
