@@ -16,7 +16,10 @@ needs:
   ``pause_reading`` above a high-water mark so a slow client bounds memory;
 * a connection returns to its pool as soon as the upstream's message is
   complete and keep-alive allows it; idle connections the upstream closes are
-  dropped when it closes them, and idle ones are closed after ``idle_timeout``;
+  dropped when it closes them, and the pool itself never reuses a connection
+  idle for ``idle_timeout`` (4 s: below the 5 s keep-alive timeout of Node's
+  http server and of uvicorn, so the gateway closes first and a request never
+  races the upstream's close);
 * ``read_timeout`` bounds each wait for the upstream (headers, then between
   body reads), as aiohttp's ``sock_read`` does; ``connect_timeout`` bounds the
   TCP (+TLS) connect.  Both raise ``asyncio.TimeoutError``;
@@ -313,7 +316,7 @@ class Pool:
     """Keep-alive connections to one upstream origin, at most ``limit`` open at a time."""
 
     def __init__(self, url: str | URL, *, limit: int, connect_timeout: float, read_timeout: float,
-                 idle_timeout: float = 15.0, ssl_context: ssl.SSLContext | None = None) -> None:
+                 idle_timeout: float = 4.0, ssl_context: ssl.SSLContext | None = None) -> None:
         u = URL(url) if isinstance(url, str) else url
         if u.scheme not in ("http", "https") or not u.host:
             raise ValueError(f"not an http(s) URL: {u}")
@@ -361,7 +364,7 @@ class Pool:
         if self._closed:
             raise UpstreamConnectError("the upstream pool is closed")
         data = self.encode(method, headers, body)
-        conn = self._idle.pop() if self._idle else await self._acquire()
+        conn = (self._take_idle() if self._idle else None) or await self._acquire()
         resp = conn.send(data, self._read_timeout)
         try:
             try:
@@ -382,8 +385,8 @@ class Pool:
         while True:
             if self._closed:
                 raise UpstreamConnectError("the upstream pool is closed")
-            if not fresh and self._idle:
-                return self._idle.pop()
+            if not fresh and self._idle and (conn := self._take_idle()) is not None:
+                return conn
             if len(self._open) + self._connecting < self._limit:
                 return await self._connect()
             waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
@@ -419,6 +422,16 @@ class Pool:
             raise UpstreamConnectError("the upstream pool is closed")
         self._open.add(conn)
         return conn
+
+    def _take_idle(self) -> _Connection | None:
+        """The most recently used idle connection that is not past ``idle_timeout``."""
+        fresh_after = time.monotonic() - self._idle_timeout
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.idle_since > fresh_after:
+                return conn
+            conn.abandon()      # the upstream may be closing it right now
+        return None
 
     def _release(self, conn: _Connection) -> None:
         if conn.closed:

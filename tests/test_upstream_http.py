@@ -350,6 +350,22 @@ async def test_idle_connections_are_closed_after_the_idle_timeout(peers: list[Pe
         await pool.close()
 
 
+async def test_a_connection_idle_past_the_idle_timeout_is_closed_not_reused(peers: list[Peer]) -> None:
+    peer = await start(peers, await serve_forever(ok()))
+    pool = pool_for(peer.url, idle_timeout=4.0)
+    try:
+        await read_all(await pool.request("POST", {}, b"{}"))
+        pool._idle[0].idle_since -= 4.0       # as if it had been idle 4 s (the sweep has not run)
+        # A POST is never retried, so it must not meet a connection the upstream may be closing.
+        resp = await pool.request("POST", {}, b"{}")
+        assert resp.status == 200 and peer.accepted == 2
+        await read_all(resp)
+        assert await asyncio.wait_for(peer.closed.get(), WAIT) == 1
+        assert pool.open_connections == 1
+    finally:
+        await pool.close()
+
+
 async def test_close_on_an_unfinished_response_closes_the_upstream_connection(peers: list[Peer]) -> None:
     async def handler(peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await peer.read_request(reader)
