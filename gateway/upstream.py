@@ -26,7 +26,7 @@ from .errors import (
 )
 from .inspect.sse import SSEFramer, SSETooLarge, encode_event
 from .telemetry.metrics import BOUND, SESSIONS, SSE_EVENTS_TALLY, UPSTREAM_CONNECTIONS, UPSTREAM_ERRORS, Sampler
-from .upstream_http import Pool, Response
+from .upstream_http import Pool, Response, UnsafeHeader
 
 if TYPE_CHECKING:
     from .config.model import Config, ServerConfig
@@ -200,6 +200,13 @@ class Forwarder:
             headers = self._base_headers(ex)      # no upstream credentials: nothing to await
         try:
             resp = await pool.request(ex.request.method, headers, ex.body)
+        except UnsafeHeader as exc:
+            # Only gateway-made headers can hold CR/LF (client headers were parsed by llhttp):
+            # a configured credential, or a token an authorization server issued.
+            log.error("upstream.unsafe_header", server=server.name, detail=str(exc))
+            self._count(server, "unsafe_header")
+            raise GatewayError("the gateway could not build a valid request for the upstream",
+                               reason="upstream_request_invalid") from None
         except asyncio.TimeoutError as exc:
             self._count(server, "timeout")
             raise UpstreamTimeout("the upstream MCP server did not answer in time") from exc

@@ -47,6 +47,10 @@ HIGH_WATER = 256 * 1024           # buffered body bytes before the upstream sock
 IDEMPOTENT = frozenset({"GET", "DELETE", "HEAD", "OPTIONS"})
 
 
+class UnsafeHeader(ValueError):
+    """A header to send holds CR or LF: writing it would split the request (header injection)."""
+
+
 class UpstreamConnectError(aiohttp.ClientConnectionError):
     """The TCP (or TLS) connection to the upstream could not be made."""
 
@@ -353,7 +357,8 @@ class Pool:
         block = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
         n = len(headers)
         if block.count("\n") != n or block.count("\r") != n:
-            raise ValueError("a header name or value holds CR or LF")
+            bad = next(k for k, v in headers.items() if "\r" in k or "\n" in k or "\r" in v or "\n" in v)
+            raise UnsafeHeader(f"header {bad!r} holds CR or LF")
         if body is None:
             return (method + self._prefix + block + "\r\n").encode("utf-8", "surrogateescape")
         head = f"{method}{self._prefix}{block}Content-Length: {len(body)}\r\n\r\n"
@@ -483,5 +488,5 @@ class Pool:
             conn.abandon()
 
 
-__all__ = ["Pool", "Response", "UpstreamConnectError", "UpstreamDisconnected", "UpstreamPayloadError",
+__all__ = ["Pool", "Response", "UnsafeHeader", "UpstreamConnectError", "UpstreamDisconnected", "UpstreamPayloadError",
            "UpstreamProtocolError", "MAX_HEADER_BYTES", "HIGH_WATER"]
