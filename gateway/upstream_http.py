@@ -201,6 +201,8 @@ class _Connection(asyncio.Protocol):
         self._informational = False
         self._framed = False          # Content-Length or chunked: the end is not the close
         self._got_bytes = False
+        self._unparsed = 0            # bytes received before the response's headers completed
+        self._head = False            # the request was HEAD: no body follows whatever the headers say
 
     # asyncio.Protocol
 
@@ -212,6 +214,9 @@ class _Connection(asyncio.Protocol):
             self.abandon()       # bytes nobody asked for: the connection is out of step
             return
         self._got_bytes = True
+        resp = self.resp
+        if not resp._started:
+            self._unparsed += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -221,19 +226,25 @@ class _Connection(asyncio.Protocol):
             cause = exc.__context__
             self._error(cause if isinstance(cause, UpstreamProtocolError)
                         else UpstreamProtocolError(f"invalid HTTP from the upstream: {exc}"))
+            return
+        if not resp._started and self._unparsed > MAX_HEADER_BYTES and self.resp is resp:
+            # on_header sees only complete lines: an endless status line or header would
+            # otherwise be buffered by the parser until read_timeout.
+            self._error(UpstreamProtocolError("the upstream's response headers exceed 64 KiB"))
 
     def eof_received(self) -> bool:
         return False             # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        by_us = self.closed       # abandon() ran first: the gateway cut it, not the upstream
         self.closed = True
         self.pool._forget(self)
         resp = self.resp
         if resp is None:
             return
         self.resp = None
-        if resp._started and not self._framed and not self._informational:
-            resp._finish()       # a body delimited by the close (no length, not chunked)
+        if resp._started and not self._framed and not self._informational and exc is None and not by_us:
+            resp._finish()       # a body delimited by the upstream's close (no length, not chunked)
         elif resp._started:
             resp._fail(UpstreamPayloadError("the upstream closed the connection mid-response"))
         else:
@@ -243,6 +254,9 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self.resp is None:
+            # A second message in the read that completed the first: nobody asked for it.
+            raise UpstreamProtocolError("the upstream sent a response nobody asked for")
         self._raw = []
         self._header_bytes = 0
         self._framed = False
@@ -270,6 +284,12 @@ class _Connection(asyncio.Protocol):
             resp.headers = CIMultiDictProxy(CIMultiDict(self._raw))
             resp._started = True
             resp._wake()
+            if self._head:
+                # No body follows a HEAD answer, but the parser would wait for Content-Length
+                # bytes: finish here and do not reuse the connection.
+                self.resp = None
+                resp._finish()
+                self.abandon()
 
     def on_body(self, body: bytes) -> None:
         resp = self.resp
@@ -295,9 +315,11 @@ class _Connection(asyncio.Protocol):
 
     # the pool's side
 
-    def send(self, data: bytes, timeout: float) -> Response:
+    def send(self, data: bytes, timeout: float, head: bool = False) -> Response:
         resp = self.resp = Response(self, timeout)
         self._got_bytes = False
+        self._unparsed = 0
+        self._head = head
         self.transport.write(data)
         return resp
 
@@ -370,7 +392,8 @@ class Pool:
             raise UpstreamConnectError("the upstream pool is closed")
         data = self.encode(method, headers, body)
         conn = (self._take_idle() if self._idle else None) or await self._acquire()
-        resp = conn.send(data, self._read_timeout)
+        head = method == "HEAD"
+        resp = conn.send(data, self._read_timeout, head)
         try:
             try:
                 await resp._start()
@@ -379,7 +402,7 @@ class Pool:
                     raise
                 # The upstream closed a kept-alive connection as the request went out.
                 conn = await self._acquire(fresh=True)
-                resp = conn.send(data, self._read_timeout)
+                resp = conn.send(data, self._read_timeout, head)
                 await resp._start()
         except BaseException:
             resp.close()
@@ -399,9 +422,12 @@ class Pool:
             try:
                 conn = await waiter
             except BaseException:
-                if (waiter.done() and not waiter.cancelled() and waiter.exception() is None
-                        and waiter.result() is not None):
-                    self._release(waiter.result())     # handed over as we were cancelled
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    handed = waiter.result()
+                    if handed is not None:
+                        self._release(handed)          # a connection handed over as we were cancelled
+                    else:
+                        self._wake_one()               # a free slot: pass the wake-up on
                 raise
             if conn is not None and not conn.closed:
                 return conn
@@ -411,17 +437,18 @@ class Pool:
         loop = asyncio.get_running_loop()
         self._connecting += 1
         try:
-            try:
-                _transport, conn = await asyncio.wait_for(
-                    loop.create_connection(lambda: _Connection(self), self._host, self._port, ssl=self._ssl),
-                    self._connect_timeout)
-            except asyncio.TimeoutError:
-                raise
-            except (OSError, ssl.SSLError) as exc:
+            _transport, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(self), self._host, self._port, ssl=self._ssl),
+                self._connect_timeout)
+        except BaseException as exc:
+            # Failed, timed out or cancelled: the slot is free again for a queued request.
+            self._connecting -= 1
+            self._wake_one()
+            if isinstance(exc, (OSError, ssl.SSLError)) and not isinstance(exc, asyncio.TimeoutError):
                 raise UpstreamConnectError(
                     f"cannot connect to {self._host}:{self._port}: {exc.strerror or exc}") from exc
-        finally:
-            self._connecting -= 1
+            raise
+        self._connecting -= 1
         if self._closed:
             conn.abandon()
             raise UpstreamConnectError("the upstream pool is closed")
@@ -459,12 +486,14 @@ class Pool:
                 self._idle.remove(conn)
             except ValueError:
                 pass
-            # Room for one more connection: wake one waiter to open it.
-            while self._waiters:
-                waiter = self._waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+            self._wake_one()     # room for one more connection: a queued request may open it
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _sweep(self) -> None:
         self._sweeper = None
