@@ -101,3 +101,15 @@ async def test_flush_every_flushes_periodically_and_on_cancel(monkeypatch: pytes
         assert reg.get_sample_value("t_periodic_total", {"server": "a"}) == 2
     finally:
         metrics._TALLIES.remove(tally)
+
+
+def test_a_new_metric_never_gets_the_bound_children_of_a_dead_one() -> None:
+    # Bound children were once cached by id(metric): a metric created after another was
+    # freed could get its id, and then its children (increments went to the dead metric).
+    reg = CollectorRegistry()
+    for i in range(200):
+        gauge = Gauge(f"t_bound_{i}", "doc", ["server"], registry=reg)
+        metrics.BOUND.get(gauge, "a").set(i + 1)
+        assert reg.get_sample_value(f"t_bound_{i}", {"server": "a"}) == i + 1
+        reg.unregister(gauge)
+        del gauge

@@ -91,7 +91,9 @@ class Bound:
         self._cache: dict[tuple[Any, ...], Any] = {}
 
     def get(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
+        # The metric itself, not id(metric): the key keeps it alive, so a metric created
+        # later can never inherit a dead one's id and get its children (seen in tests).
+        key = (metric, *labels)
         child = self._cache.get(key)
         if child is None:
             child = self._cache[key] = metric.labels(*labels)
