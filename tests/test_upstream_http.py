@@ -479,24 +479,29 @@ async def test_https_upstreams_are_verified_against_the_trust_store(peers: list[
         await trusting.close()
 
 
-async def test_the_pool_never_opens_more_than_its_limit_and_queued_requests_all_complete(
-        peers: list[Peer]) -> None:
-    open_now = 0
-    most = 0
+class Concurrency:
+    """A keep-alive handler answering ``ok()`` that records the most connections open at once."""
 
-    async def handler(peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal open_now, most
-        open_now += 1
-        most = max(most, open_now)
+    def __init__(self) -> None:
+        self.open_now = 0
+        self.most = 0
+
+    async def __call__(self, peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open_now += 1
+        self.most = max(self.most, self.open_now)
         try:
             while True:
                 await peer.read_request(reader)
                 writer.write(ok())
                 await writer.drain()
         finally:
-            open_now -= 1
+            self.open_now -= 1
 
-    peer = await start(peers, handler)
+
+async def test_the_pool_never_opens_more_than_its_limit_and_queued_requests_all_complete(
+        peers: list[Peer]) -> None:
+    seen = Concurrency()
+    peer = await start(peers, seen)
     pool = pool_for(peer.url, limit=2)
 
     async def one() -> bytes:
@@ -505,7 +510,7 @@ async def test_the_pool_never_opens_more_than_its_limit_and_queued_requests_all_
     try:
         bodies = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(20))), WAIT)
         assert bodies == [b'{"ok":true}'] * 20
-        assert peer.accepted == 2 and most == 2 and pool.open_connections == 2
+        assert peer.accepted == 2 and seen.most == 2 and pool.open_connections == 2
     finally:
         await pool.close()
 

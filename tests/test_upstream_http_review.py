@@ -15,6 +15,7 @@ import pytest
 from gateway.upstream_http import HIGH_WATER, UpstreamConnectError, UpstreamPayloadError, UpstreamProtocolError
 from tests.test_upstream_http import (
     WAIT,
+    Concurrency,
     Peer,
     chunk,
     ok,
@@ -267,21 +268,8 @@ async def test_a_request_cancelled_while_awaiting_headers_closes_its_connection(
 
 
 async def test_cancelled_waiters_do_not_hold_slots_and_the_limit_holds(peers: list[Peer]) -> None:
-    open_now = most = 0
-
-    async def handler(peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal open_now, most
-        open_now += 1
-        most = max(most, open_now)
-        try:
-            while True:
-                await peer.read_request(reader)
-                writer.write(ok())
-                await writer.drain()
-        finally:
-            open_now -= 1
-
-    peer = await start(peers, handler)
+    seen = Concurrency()
+    peer = await start(peers, seen)
     pool = pool_for(peer.url, limit=2)
 
     async def one() -> bytes:
@@ -294,7 +282,7 @@ async def test_cancelled_waiters_do_not_hold_slots_and_the_limit_holds(peers: li
             t.cancel()                                  # five queued clients go away
         done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WAIT)
         assert [d for d in done if not isinstance(d, asyncio.CancelledError)] == [b'{"ok":true}'] * 7
-        assert most <= 2 and pool.open_connections <= 2 and pool._connecting == 0
+        assert seen.most <= 2 and pool.open_connections <= 2 and pool._connecting == 0
         assert not [w for w in pool._waiters if not w.done()]
     finally:
         await pool.close()
