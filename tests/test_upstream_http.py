@@ -86,12 +86,18 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def serve_forever(answer: bytes) -> Handler:
+async def answer_each(peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      answer: bytes) -> None:
+    """Answer every request on this connection with ``answer``, until the client closes it."""
+    while True:
+        await peer.read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+
+
+def serve_forever(answer: bytes) -> Handler:
     async def handler(peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await peer.read_request(reader)
-            writer.write(answer)
-            await writer.drain()
+        await answer_each(peer, reader, writer, answer)
     return handler
 
 
@@ -125,7 +131,7 @@ async def read_all(resp: Any) -> bytes:
 # --------------------------------------------------------------------------- the request
 
 async def test_the_request_is_one_http11_message_with_host_path_query_and_length(peers: list[Peer]) -> None:
-    peer = await start(peers, await serve_forever(ok()))
+    peer = await start(peers, serve_forever(ok()))
     pool = pool_for(peer.url)
     try:
         resp = await pool.request("POST", {"Content-Type": "application/json", "X-Ünïcode": "ü"}, b'{"a":1}')
@@ -143,7 +149,7 @@ async def test_the_request_is_one_http11_message_with_host_path_query_and_length
 
 @pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb"])
 async def test_a_header_value_with_cr_or_lf_is_never_sent(peers: list[Peer], value: str) -> None:
-    peer = await start(peers, await serve_forever(ok()))
+    peer = await start(peers, serve_forever(ok()))
     pool = pool_for(peer.url)
     try:
         with pytest.raises(UnsafeHeader, match="X-Api-Key"):
@@ -210,7 +216,7 @@ async def test_a_close_delimited_body_ends_at_the_close(peers: list[Peer]) -> No
 
 
 async def test_informational_responses_are_skipped(peers: list[Peer]) -> None:
-    peer = await start(peers, await serve_forever(b"HTTP/1.1 100 Continue\r\n\r\n" + ok()))
+    peer = await start(peers, serve_forever(b"HTTP/1.1 100 Continue\r\n\r\n" + ok()))
     pool = pool_for(peer.url)
     try:
         for _ in range(2):
@@ -222,7 +228,7 @@ async def test_informational_responses_are_skipped(peers: list[Peer]) -> None:
 
 
 async def test_headers_keep_order_and_repeats_and_are_case_insensitive(peers: list[Peer]) -> None:
-    peer = await start(peers, await serve_forever(ok(b"{}", "Set-Cookie: a=1", "set-cookie: b=2",
+    peer = await start(peers, serve_forever(ok(b"{}", "Set-Cookie: a=1", "set-cookie: b=2",
                                                    "Mcp-Session-Id: s-1", "Connection: keep-alive, X-Hop")))
     pool = pool_for(peer.url)
     try:
@@ -235,7 +241,7 @@ async def test_headers_keep_order_and_repeats_and_are_case_insensitive(peers: li
 
 
 async def test_a_response_with_oversized_headers_is_a_protocol_error(peers: list[Peer]) -> None:
-    peer = await start(peers, await serve_forever(ok(b"{}", *[f"X-Pad-{i}: {'p' * 1000}" for i in range(80)])))
+    peer = await start(peers, serve_forever(ok(b"{}", *[f"X-Pad-{i}: {'p' * 1000}" for i in range(80)])))
     pool = pool_for(peer.url)
     try:
         with pytest.raises(UpstreamProtocolError, match="64 KiB"):
@@ -246,7 +252,7 @@ async def test_a_response_with_oversized_headers_is_a_protocol_error(peers: list
 
 
 async def test_garbage_instead_of_http_is_a_protocol_error(peers: list[Peer]) -> None:
-    peer = await start(peers, await serve_forever(b"SSH-2.0-OpenSSH_9.6\r\n"))
+    peer = await start(peers, serve_forever(b"SSH-2.0-OpenSSH_9.6\r\n"))
     pool = pool_for(peer.url)
     try:
         with pytest.raises(UpstreamProtocolError):
@@ -286,10 +292,7 @@ async def test_a_get_on_a_connection_closed_as_it_was_reused_is_retried_once_on_
             await writer.drain()
             await peer.read_request(reader)   # the reused connection: read it, close without answering
             return
-        while True:
-            await peer.read_request(reader)
-            writer.write(ok(b'{"fresh":true}'))
-            await writer.drain()
+        await answer_each(peer, reader, writer, ok(b'{"fresh":true}'))
 
     peer = await start(peers, handler)
     pool = pool_for(peer.url)
@@ -340,7 +343,7 @@ async def test_an_idle_connection_the_upstream_closed_is_not_used_again(peers: l
 
 
 async def test_idle_connections_are_closed_after_the_idle_timeout(peers: list[Peer]) -> None:
-    peer = await start(peers, await serve_forever(ok()))
+    peer = await start(peers, serve_forever(ok()))
     pool = pool_for(peer.url, idle_timeout=0.2)
     try:
         await read_all(await pool.request("POST", {}, b"{}"))
@@ -352,7 +355,7 @@ async def test_idle_connections_are_closed_after_the_idle_timeout(peers: list[Pe
 
 
 async def test_a_connection_idle_past_the_idle_timeout_is_closed_not_reused(peers: list[Peer]) -> None:
-    peer = await start(peers, await serve_forever(ok()))
+    peer = await start(peers, serve_forever(ok()))
     pool = pool_for(peer.url, idle_timeout=4.0)
     try:
         await read_all(await pool.request("POST", {}, b"{}"))
@@ -413,7 +416,7 @@ async def test_read_timeout_bounds_the_wait_for_headers_and_between_body_reads(p
 
 
 async def test_a_refused_connection_is_a_connect_error(peers: list[Peer]) -> None:
-    peer = await start(peers, await serve_forever(ok()))
+    peer = await start(peers, serve_forever(ok()))
     url = peer.url
     await peer.stop()                                     # nothing listens on that port now
     pool = pool_for(url)
@@ -465,7 +468,7 @@ async def test_https_upstreams_are_verified_against_the_trust_store(peers: list[
     cert, key = _self_signed(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
-    peer = await start(peers, await serve_forever(ok()), ssl_context=server_ctx)
+    peer = await start(peers, serve_forever(ok()), ssl_context=server_ctx)
     url = f"https://127.0.0.1:{peer.port}/mcp"
     untrusting = pool_for(url)                            # the system store does not know this CA
     trusting = pool_for(url, ssl_context=ssl.create_default_context(cafile=str(cert)))
@@ -490,10 +493,7 @@ class Concurrency:
         self.open_now += 1
         self.most = max(self.most, self.open_now)
         try:
-            while True:
-                await peer.read_request(reader)
-                writer.write(ok())
-                await writer.drain()
+            await answer_each(peer, reader, writer, ok())
         finally:
             self.open_now -= 1
 

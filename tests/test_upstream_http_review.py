@@ -15,6 +15,7 @@ import pytest
 from gateway.upstream_http import HIGH_WATER, UpstreamConnectError, UpstreamPayloadError, UpstreamProtocolError
 from tests.test_upstream_http import (
     WAIT,
+    answer_each,
     Concurrency,
     Peer,
     chunk,
@@ -48,7 +49,7 @@ def _rst(writer: asyncio.StreamWriter) -> None:
 
 async def test_a_failed_connect_wakes_the_requests_queued_behind_it(peers: list[Peer]) -> None:
     """The upstream is down and more requests than ``limit`` arrive: all must fail (502), none hang."""
-    peer = await start(peers, await serve_forever(ok()))
+    peer = await start(peers, serve_forever(ok()))
     url = peer.url
     await peer.stop()                                   # connection refused from now on
     pool = pool_for(url, limit=1)
@@ -95,10 +96,7 @@ async def test_a_waiter_cancelled_after_being_woken_for_a_free_slot_passes_the_w
             await writer.drain()
             await reader.read()
             return
-        while True:
-            await peer.read_request(reader)
-            writer.write(ok())
-            await writer.drain()
+        await answer_each(peer, reader, writer, ok())
 
     peer = await start(peers, handler)
     pool = pool_for(peer.url, limit=1)
@@ -128,16 +126,13 @@ async def test_bytes_after_a_complete_response_never_reach_the_next_request(peer
             writer.write(ok(b'{"n":1}') + b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                           b"Content-Length: 9\r\n\r\n")
             await writer.drain()
-        while True:
-            await peer.read_request(reader)
-            writer.write(ok(b'{"n":2}'))
-            await writer.drain()
+        await answer_each(peer, reader, writer, ok(b'{"n":2}'))
 
     peer = await start(peers, handler)
     pool = pool_for(peer.url, read_timeout=1.0)
     try:
         assert await read_all(await pool.request("POST", {}, b"{}")) == b'{"n":1}'
-        resp = await pool.request("POST", {}, b"{}")    # today: TimeoutError (the stale message ate the answer)
+        resp = await pool.request("POST", {}, b"{}")    # was: TimeoutError (the stale message ate the answer)
         assert resp.status == 200 and await read_all(resp) == b'{"n":2}'
     finally:
         await pool.close()
@@ -156,7 +151,7 @@ async def test_an_endless_response_header_is_a_protocol_error_not_buffered_until
     peer = await start(peers, handler)
     pool = pool_for(peer.url, read_timeout=1.0)
     try:
-        with pytest.raises(UpstreamProtocolError):      # today: TimeoutError after read_timeout
+        with pytest.raises(UpstreamProtocolError):      # was: TimeoutError after read_timeout
             await pool.request("POST", {}, b"{}")
         assert pool.open_connections == 0
     finally:
@@ -182,27 +177,22 @@ async def test_a_reset_in_a_close_delimited_body_is_an_error_not_the_end_of_the_
         resp = await pool.request("GET", {})
         assert await asyncio.wait_for(resp.content.readany(), WAIT) == b"data: 1\n\n"
         cut.set()
-        with pytest.raises(UpstreamPayloadError):       # today: b"" (a clean end)
+        with pytest.raises(UpstreamPayloadError):       # was: b"" (a clean end)
             await asyncio.wait_for(resp.content.readany(), WAIT)
     finally:
         await pool.close()
 
 
 async def test_a_head_response_has_no_body_even_with_a_content_length(peers: list[Peer]) -> None:
-    """HEAD is in IDEMPOTENT, but the parser is never told the request was HEAD: it waits for a body."""
-    async def handler(peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await peer.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n")
-            await writer.drain()
-
-    peer = await start(peers, handler)
+    """The parser must be told the request was HEAD, or it waits for Content-Length bytes."""
+    peer = await start(peers, serve_forever(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n"))
     pool = pool_for(peer.url, read_timeout=1.0)
     try:
         for _ in range(2):
             resp = await pool.request("HEAD", {})
             assert resp.status == 200
-            assert await read_all(resp) == b""          # today: TimeoutError
+            assert await read_all(resp) == b""          # was: TimeoutError
     finally:
         await pool.close()
 
@@ -218,10 +208,7 @@ async def test_a_timed_out_request_never_leaves_its_connection_for_the_next_requ
             await late.wait()
             writer.write(ok(b'{"late":true}'))          # the answer to the request that timed out
             await writer.drain()
-        while True:
-            await peer.read_request(reader)
-            writer.write(ok(b'{"fresh":true}'))
-            await writer.drain()
+        await answer_each(peer, reader, writer, ok(b'{"fresh":true}'))
 
     peer = await start(peers, handler)
     pool = pool_for(peer.url, read_timeout=0.2)
@@ -246,10 +233,7 @@ async def test_a_request_cancelled_while_awaiting_headers_closes_its_connection(
             arrived.set()
             await reader.read()
             return
-        while True:
-            await peer.read_request(reader)
-            writer.write(ok())
-            await writer.drain()
+        await answer_each(peer, reader, writer, ok())
 
     peer = await start(peers, handler)
     pool = pool_for(peer.url, limit=1)
@@ -291,7 +275,7 @@ async def test_cancelled_waiters_do_not_hold_slots_and_the_limit_holds(peers: li
 async def test_chunked_trailers_are_consumed_and_the_connection_is_reused(peers: list[Peer]) -> None:
     answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
               b"Trailer: X-Checksum\r\n\r\n" + chunk(b'{"a":') + chunk(b"1}") + b"0\r\nX-Checksum: abc\r\n\r\n")
-    peer = await start(peers, await serve_forever(answer))
+    peer = await start(peers, serve_forever(answer))
     pool = pool_for(peer.url)
     try:
         for _ in range(2):
@@ -306,7 +290,7 @@ async def test_chunked_trailers_are_consumed_and_the_connection_is_reused(peers:
 @pytest.mark.parametrize("status", [204, 304])
 async def test_bodiless_statuses_complete_at_the_headers_and_keep_the_connection(
         peers: list[Peer], status: int) -> None:
-    peer = await start(peers, await serve_forever(f"HTTP/1.1 {status} X\r\nX-A: 1\r\n\r\n".encode()))
+    peer = await start(peers, serve_forever(f"HTTP/1.1 {status} X\r\nX-A: 1\r\n\r\n".encode()))
     pool = pool_for(peer.url, read_timeout=1.0)
     try:
         for _ in range(2):
@@ -318,7 +302,7 @@ async def test_bodiless_statuses_complete_at_the_headers_and_keep_the_connection
 
 
 async def test_connection_close_on_a_framed_response_is_honoured(peers: list[Peer]) -> None:
-    peer = await start(peers, await serve_forever(ok(b"{}", "Connection: close")))
+    peer = await start(peers, serve_forever(ok(b"{}", "Connection: close")))
     pool = pool_for(peer.url)
     try:
         for _ in range(2):
@@ -330,7 +314,7 @@ async def test_connection_close_on_a_framed_response_is_honoured(peers: list[Pee
 
 async def test_one_read_holding_an_interim_the_final_answer_and_nothing_else(peers: list[Peer]) -> None:
     answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + ok(b'{"x":1}')
-    peer = await start(peers, await serve_forever(answer))
+    peer = await start(peers, serve_forever(answer))
     pool = pool_for(peer.url)
     try:
         for _ in range(3):
@@ -349,10 +333,7 @@ async def test_a_connection_paused_for_a_large_body_reads_again_when_reused(peer
         await peer.read_request(reader)
         writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(big)}\r\n\r\n".encode() + big)
         await writer.drain()
-        while True:
-            await peer.read_request(reader)
-            writer.write(ok())
-            await writer.drain()
+        await answer_each(peer, reader, writer, ok())
 
     peer = await start(peers, handler)
     pool = pool_for(peer.url)
@@ -450,7 +431,7 @@ async def test_forwarder_ends_an_sse_stream_cut_by_a_reset_without_an_in_band_er
         cut.set()
         rest = await asyncio.wait_for(reader.read(), WAIT)
         writer.close()
-        assert b"upstream_stream_broken" in rest        # today: the stream just ends
+        assert b"upstream_stream_broken" in rest        # was: the stream just ended
 
 
 async def test_forwarder_maps_pool_failures_to_502_and_504(peers: list[Peer]) -> None:

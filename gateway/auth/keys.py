@@ -131,10 +131,8 @@ class KeySet:
 
     def _deferred_fetch(self) -> None:
         self._deferred = None
-        if self._inflight is None or self._inflight.done():
-            self._inflight = asyncio.create_task(self._fetch())
-            # A failure is logged and counted by _fetch; nothing awaits this task.
-            self._inflight.add_done_callback(lambda t: t.cancelled() or t.exception())
+        # A failure is logged and counted by _fetch; nothing awaits this task.
+        self._fetch_task().add_done_callback(lambda t: t.cancelled() or t.exception())
 
     # -- lifecycle --------------------------------------------------------------
     async def start(self, session: aiohttp.ClientSession) -> None:
@@ -173,9 +171,13 @@ class KeySet:
 
     async def refresh(self) -> None:
         """Fetch metadata (when needed) and the JWKS; concurrent callers share one fetch."""
+        await asyncio.shield(self._fetch_task())
+
+    def _fetch_task(self) -> asyncio.Task[None]:
+        """The fetch in flight, or a new one: concurrent callers share one fetch."""
         if self._inflight is None or self._inflight.done():
             self._inflight = asyncio.create_task(self._fetch())
-        await asyncio.shield(self._inflight)
+        return self._inflight
 
     async def _fetch(self) -> None:
         assert self._session is not None, "KeySet.start() was not called"

@@ -139,26 +139,7 @@ def _all(checks: list[Check]) -> Check:
 
 def _object_checks(schema: dict[str, Any]) -> list[Check]:
     fields = _object_fields(schema)
-    if fields is None:
-        return []
-    sub, extra_check, req, any_extra = fields
-
-    def check(x: Any) -> bool:
-        if not isinstance(x, dict):
-            return True
-        for key in req:
-            if key not in x:
-                return False
-        for key, value in x.items():
-            c = sub.get(key)
-            if c is not None:
-                if not c(value):
-                    return False
-            elif not any_extra and not extra_check(value):
-                return False
-        return True
-
-    return [check]
+    return [] if fields is None else [_object_check(fields, non_object=True)]
 
 
 def _object_fields(schema: dict[str, Any]) -> tuple[dict[str, Check], Check, tuple[str, ...], bool] | None:
@@ -175,13 +156,17 @@ def _object_fields(schema: dict[str, Any]) -> tuple[dict[str, Check], Check, tup
 def _typed_object(schema: dict[str, Any]) -> Check | None:
     """``type: object`` and the object keywords in one closure (None: no object keywords)."""
     fields = _object_fields(schema)
-    if fields is None:
-        return None
+    return None if fields is None else _object_check(fields, non_object=False)
+
+
+def _object_check(fields: tuple[dict[str, Check], Check, tuple[str, ...], bool], non_object: bool) -> Check:
+    """The object keywords as one closure; ``non_object`` is the verdict for a value that is
+    not an object (True when ``type`` is not also ``object``: the keywords then do not apply)."""
     sub, extra_check, req, any_extra = fields
 
     def check(x: Any) -> bool:
         if not isinstance(x, dict):
-            return False
+            return non_object
         for key in req:
             if key not in x:
                 return False
