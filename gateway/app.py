@@ -1,7 +1,8 @@
-"""Builds the gateway and fixes the ONE order in which the stages run.
+"""Builds the gateway and fixes the ONE order in which the stages run, both ways.
 
-Request path:  hygiene -> authn -> parse -> session -> scopes -> authz -> pinning -> upstream
-Response path: upstream -> pinning hook -> authz hook -> client   (reverse order)
+Request:   hygiene -> authn -> parse -> session -> stream -> scopes -> authz -> pinning -> upstream
+Head:      upstream status/headers -> session (map ids, DELETE) -> media type (response.py)
+Messages:  codec.decode -> stream (admit) -> pinning hook -> authz hook -> codec.encode -> client
 
 Ordering constraints:
 - hygiene first: Origin/Host (DNS rebinding) and tokens in the URL are refused
@@ -11,6 +12,10 @@ Ordering constraints:
 - parse before session/authz: both decide on the JSON-RPC body, which parse
   has checked against the Mcp-Method/Mcp-Name headers.
 - session after authn: a session is bound to the principal that created it.
+- stream after session: a Last-Event-ID is bound to the session and principal, and
+  a replayed list stream must be marked before authz and pinning hook it.
+- on the way back, stream admission first: an answer on a stream that may not carry
+  it never reaches a hook, so no hook can be fed a message meant for another request.
 - scopes (mount-wide, from the auth config) before authz: the cheapest refusal
   first, and its 403 names the mount's scopes before any per-tool step-up.
 - authz before pinning: a refused tool must look like an unknown tool, so
@@ -46,12 +51,14 @@ from .stages.pinning import make_pinning
 from .stages.scopes import Scopes
 from .pipeline import Exchange, checker
 from .stages.session import Session
+from .stages.stream import EventIds, Stream
+from .response import ResponsePath, error_body
 from .store.redis import make_store
 from .store.sessions import SessionStore
 from .telemetry import audit
 from .telemetry import metrics
 from .telemetry.metrics import count_rejection
-from .upstream import Forwarder, Upstreams, error_body
+from .upstream import Forwarder, Upstreams
 
 log = structlog.get_logger("gateway")
 
@@ -68,7 +75,11 @@ class Gateway:
         self.upstreams = Upstreams(config)
         self.credentials = {name: c for name, s in config.servers.items()
                             if (c := make_credentials(s, config)) is not None}
-        self.forwarder = Forwarder(config, self.upstreams, self.sessions, self.credentials,
+        session = Session(self.sessions, terminate=self._end_upstream_session)
+        self.stream = Stream(EventIds(self.store))
+        # The response order (see the module docstring): head stages, then per message.
+        self.response_path = ResponsePath(head=(session.on_head,), stream=self.stream)
+        self.forwarder = Forwarder(config, self.upstreams, self.response_path, self.credentials,
                                    IDENTITY_HEADERS)
         # The last-seen tool definitions per server: pinning checks them, authz reads
         # their annotations (destructiveHint) for tools/call.
@@ -81,7 +92,8 @@ class Gateway:
             Hygiene(config),
             self.authn,
             Parse(config),
-            Session(self.sessions),
+            session,
+            self.stream,
         ]
         if (scopes := Scopes.make(config)) is not None:
             stages.append(scopes)                 # mount-wide scopes: cheapest refusal first
@@ -107,6 +119,20 @@ class Gateway:
         except FetchError as exc:
             raise UpstreamUnavailable(f"could not read the upstream's tools: {exc}") from exc
         self.catalog.update(server.name, tools)
+
+    async def _end_upstream_session(self, ex: Exchange, upstream_sid: str) -> None:
+        """End an upstream session whose mapping could not be stored (it would be orphaned)."""
+        headers = {"Mcp-Session-Id": upstream_sid, "Accept-Encoding": "identity"}
+        if ex.protocol_version:
+            headers["MCP-Protocol-Version"] = ex.protocol_version
+        provider = self.credentials.get(ex.server.name)
+        try:
+            if provider is not None:
+                headers.update(await provider.headers(ex))
+            status = await self.forwarder.send(ex.server, "DELETE", headers)
+            log.info("session.upstream_terminated", server=ex.server.name, status=status)
+        except Exception as exc:   # best effort: the upstream's own idle expiry is the backstop
+            log.warning("session.upstream_terminate_failed", server=ex.server.name, error=type(exc).__name__)
 
     async def start(self) -> None:
         await self.store.start()
@@ -154,6 +180,9 @@ class Gateway:
             log.exception("gateway.internal_error", server=server.name)
             return self._error(ex, GatewayError("internal gateway error"))
         finally:
+            if ex.finishers is not None:
+                for finish in ex.finishers:
+                    finish(ex)
             audit.finish(ex, self._audit)
 
     def _error(self, ex: Exchange | None, err: GatewayError) -> web.Response:

@@ -1,14 +1,20 @@
-"""The per-request ``Exchange`` and the stage contract.
+"""The per-request ``Exchange`` and the three-phase stage contract.
 
-A stage is an object with::
+Every stage may take part in three phases; ``app.py`` declares the order of
+each (the request order, the head order, the message order) in one place.
 
-    async def on_request(self, ex: Exchange) -> None
-
-called in the order fixed in ``app.py``.  It reads and annotates the exchange,
-or raises a ``GatewayError`` to answer locally (the rest of the chain and the
-upstream are then skipped).  A stage that needs to see what comes back
-appends a ``ResponseHook`` to ``ex.response_hooks``; when that list is empty
-the upstream's bytes are streamed through untouched and never parsed.
+1. **request**: ``async def on_request(self, ex)``, in request order.  It
+   reads and annotates the exchange, or raises a ``GatewayError`` to answer
+   locally (the rest of the chain and the upstream are then skipped).
+2. **response head**: ``def on_head(self, ex, status, headers, out)``,
+   called once the upstream's status and headers are known and before
+   anything is sent (``response.py``); it may raise, add headers to ``out``,
+   or finish the exchange by setting ``ex.final``.  Returns None or an awaitable.
+3. **per message**: every JSON-RPC message coming back (the JSON body, each
+   SSE event's data, live or replayed) is decoded by the one codec, admitted
+   by the stream stage, then passed to the ``ResponseHook``s the stages
+   registered for this exchange in the request phase (``ex.response_hooks``),
+   in the response order ``app.py`` declares (the reverse of registration).
 
 A stage may also offer the same work without a coroutine, for the common case
 where nothing needs awaiting (a coroutine per stage is a measurable share of a
@@ -82,6 +88,7 @@ class Exchange:
         "body", "message", "rpc_id", "method", "name", "arguments", "is_request",
         "session", "upstream_session_id", "response_hooks", "audit", "audit_safe", "status",
         "outcome", "reason", "upstream_status", "extra_upstream_headers", "response_headers",
+        "origin", "answered", "replay", "upstream_last_event_id", "final", "finishers",
     )
 
     def __init__(self, request: "web.Request", server: "ServerConfig") -> None:
@@ -115,6 +122,16 @@ class Exchange:
         self.extra_upstream_headers: dict[str, str] | None = None
         # Headers the gateway adds to whatever it answers (CORS for allowed origins).
         self.response_headers: dict[str, str] | None = None
+        # The stream stage: where this exchange's stream comes from (which answers it may
+        # carry), whether its answer has been relayed, and the upstream's Last-Event-ID.
+        self.origin: Any = None
+        self.answered = False
+        self.replay = False
+        self.upstream_last_event_id: str | None = None
+        # A head stage that answers by itself (DELETE of a session) sets this.
+        self.final: "web.StreamResponse | None" = None
+        # Called once when the exchange ends, however it ends (stream end, client gone, error).
+        self.finishers: list[Callable[["Exchange"], None]] | None = None
 
 
 class Stage(Protocol):

@@ -1,12 +1,14 @@
-"""Forwarding to the upstream MCP server, and relaying what comes back.
+"""Transport to the upstream MCP server and back: nothing here decides anything.
 
 One connection pool per server.  The client's ``Authorization`` and
 ``Cookie`` never leave the gateway; upstream credentials are injected from
-config.  Responses are relayed as they arrive: SSE is framed into whole
-events and written one event at a time (never buffered beyond one event),
-JSON bodies are read whole (bounded) so an upstream failure can still be
-answered with a proper JSON-RPC error.  Once a response has started, errors
-go in-band as a JSON-RPC error event.
+config.  What comes back is handed to the response path (``response.py``,
+ordered by ``app.py``) at two points: the head (status and headers, before
+anything is sent) and each message.  SSE is framed into whole events and
+written one event at a time (never buffered beyond one event); JSON bodies
+are read whole (bounded) so an upstream failure can still be answered with a
+proper JSON-RPC error.  Once a response has started, errors go in-band as a
+JSON-RPC error event.  This module imports neither the store nor the policy.
 """
 from __future__ import annotations
 
@@ -20,18 +22,16 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .errors import (
-    GatewayError, SessionNotFound, UpstreamAuthRefused, UpstreamInvalid, UpstreamTimeout,
-    UpstreamUnavailable,
-)
-from .inspect.sse import SSEFramer, SSETooLarge, encode_event
-from .telemetry.metrics import BOUND, SESSIONS, SSE_EVENTS_TALLY, UPSTREAM_CONNECTIONS, UPSTREAM_ERRORS, Sampler
+from .codec import SSE
+from .errors import GatewayError, UpstreamAuthRefused, UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
+from .inspect.sse import SSEFramer, SSETooLarge
+from .response import EMPTY, ResponsePath, StreamAbort, error_body, error_event
+from .telemetry.metrics import BOUND, SSE_EVENTS_TALLY, UPSTREAM_CONNECTIONS, UPSTREAM_ERRORS, Sampler
 from .upstream_http import Pool, Response, UnsafeHeader
 
 if TYPE_CHECKING:
     from .config.model import Config, ServerConfig
     from .pipeline import Exchange
-    from .store.sessions import SessionStore
 
 log = structlog.get_logger("gateway.upstream")
 
@@ -41,6 +41,7 @@ _DROP_REQUEST = frozenset({
     "host", "content-length", "connection", "keep-alive", "proxy-authenticate",
     "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
     "authorization", "cookie", "accept-encoding", "mcp-session-id", "origin", "referer", "expect",
+    "last-event-id",
     "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
 })
 # Never relayed to the client: hop-by-hop, the upstream's own session id (the
@@ -100,18 +101,6 @@ class _HeaderFilter:
         return [(k, v) for k, v in headers.items() if k.lower() not in drop]
 
 
-def error_body(err: GatewayError, rpc_id: Any) -> bytes:
-    error: dict[str, Any] = {"code": err.code, "message": err.message}
-    data = {"reason": err.reason}
-    if err.data:
-        data.update(err.data)
-    error["data"] = data
-    body: dict[str, Any] = {"jsonrpc": "2.0", "error": error}
-    # JSON-RPC: id is required on errors; null when the request id is unknown.
-    body["id"] = rpc_id
-    return orjson.dumps(body)
-
-
 class Upstreams:
     """Per server: the forwarding pool, and a small client for the gateway's own calls.
 
@@ -158,11 +147,11 @@ class Upstreams:
 
 
 class Forwarder:
-    def __init__(self, config: "Config", upstreams: Upstreams, sessions: "SessionStore",
+    def __init__(self, config: "Config", upstreams: Upstreams, path: ResponsePath,
                  credentials: dict[str, Any], identity_headers: frozenset[str] = frozenset()) -> None:
         self._config = config
         self._upstreams = upstreams
-        self._sessions = sessions
+        self._path = path
         self._creds = credentials
         self._drop = _DROP_REQUEST | {h.lower() for h in identity_headers}
         self._request_filter = _HeaderFilter(self._drop)
@@ -180,6 +169,8 @@ class Forwarder:
         out["Accept-Encoding"] = "identity"
         if ex.upstream_session_id is not None:
             out["Mcp-Session-Id"] = ex.upstream_session_id
+        if ex.upstream_last_event_id is not None:
+            out["Last-Event-ID"] = ex.upstream_last_event_id
         return out
 
     async def _headers(self, ex: "Exchange") -> dict[str, str]:
@@ -226,6 +217,14 @@ class Forwarder:
             if not handed_off:
                 resp.release()
 
+    async def send(self, server: "ServerConfig", method: str, headers: dict[str, str]) -> int:
+        """A request of the gateway's own (e.g. ending an orphaned upstream session): its status."""
+        resp = await self._upstreams.pools[server.name].request(method, headers, None)
+        try:
+            return resp.status
+        finally:
+            resp.release()
+
     def _refuse_status(self, ex: "Exchange", status: int) -> None:
         server = ex.server
         if status in (401, 403):
@@ -251,11 +250,6 @@ class Forwarder:
         server = ex.server
         if status >= 300:
             self._refuse_status(ex, status)
-            if status == 404 and ex.session is not None:
-                # The upstream forgot the session: drop ours too so the client re-initializes.
-                await self._sessions.delete(ex.session.id)
-                raise SessionNotFound("session expired upstream; initialize a new session",
-                                      reason="upstream_session_gone")
         # Case-insensitive, so the gateway's own SSE headers replace the upstream's
         # instead of being sent twice.
         if "Connection" in resp.headers:
@@ -265,21 +259,13 @@ class Forwarder:
             out_headers = CIMultiDict(self._response_filter.keep(resp.headers))
         if ex.response_headers:
             out_headers.update(ex.response_headers)
-        upstream_sid = resp.headers.get("Mcp-Session-Id")
-        if ex.session is None or upstream_sid is not None and upstream_sid != ex.session.upstream_id:
-            await self._map_session(ex, upstream_sid, out_headers)
-        elif upstream_sid is not None:
-            out_headers["Mcp-Session-Id"] = ex.session.id
-        if ex.request.method == "DELETE" and ex.session is not None and (status < 300 or status in (404, 405)):
-            await self._sessions.delete(ex.session.id)
-            BOUND.get(SESSIONS, server.name, "deleted").inc()
-            ex.status = 200 if status >= 300 else status
-            return web.Response(status=ex.status, headers=out_headers), False
-        ctype = resp.headers.get("Content-Type", "")
-        if ctype[:17] == "text/event-stream":
+        framing = await self._path.head(ex, status, resp.headers, out_headers)
+        if ex.final is not None:
+            return ex.final, False
+        if framing == SSE:
             return await self._relay_sse(ex, resp, out_headers)
         ex.status = status
-        if status == 202 or status == 204:
+        if framing == EMPTY:
             return web.Response(status=status, headers=out_headers), False
         try:
             body = await self._read_body(resp)
@@ -293,16 +279,7 @@ class Forwarder:
             self._count(server, "response_too_large")
             raise UpstreamInvalid("the upstream reply exceeds the gateway's response size limit",
                                   reason="upstream_too_large")
-        is_json = ctype[:16] == "application/json"
-        if status >= 400 and not is_json:
-            self._count(server, f"http_{status // 100}xx")
-            raise UpstreamInvalid(f"the upstream MCP server answered HTTP {status}")
-        # Hooks marked sse_only (pinning's list_changed watcher) need no JSON body: skip the parse.
-        if is_json and body:
-            for hook in ex.response_hooks:
-                if not getattr(hook, "sse_only", False):
-                    body = self._inspect_json(ex, body)
-                    break
+        body = self._path.json_body(ex, body)
         return web.Response(status=status, body=body, headers=out_headers), False
 
     async def _read_body(self, resp: Response) -> bytes:
@@ -325,67 +302,18 @@ class Forwarder:
             size += len(chunk)
         return b"".join(chunks)
 
-    async def _map_session(self, ex: "Exchange", upstream_sid: str | None, out: CIMultiDict[str]) -> None:
-        if ex.session is not None:
-            if upstream_sid is None or upstream_sid == ex.session.upstream_id:
-                if upstream_sid is not None:
-                    out["Mcp-Session-Id"] = ex.session.id
-                return
-        if upstream_sid is None:
-            return
-        rec = await self._sessions.create(ex.server.name, upstream_sid, ex.principal.key,
-                                          ex.protocol_version or "")
-        BOUND.get(SESSIONS, ex.server.name, "created").inc()
-        ex.session = rec
-        out["Mcp-Session-Id"] = rec.id
-
-    # -- inspection ---------------------------------------------------------------
-
-    def _apply_hooks(self, ex: "Exchange", msg: Any) -> Any:
-        # Envoy-style: response hooks run in reverse order of the stages that added them.
-        for hook in reversed(ex.response_hooks):
-            msg = hook(ex, msg)
-            if msg is None:
-                return None
-        return msg
-
-    def _inspect_json(self, ex: "Exchange", body: bytes) -> bytes:
-        try:
-            msg = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamInvalid("the upstream MCP server sent invalid JSON") from exc
-        if not isinstance(msg, dict):
-            raise UpstreamInvalid("the upstream MCP server sent a non-object JSON-RPC message")
-        out = self._apply_hooks(ex, msg)
-        return orjson.dumps(out) if out is not None else b""
-
-    def _inspect_event(self, ex: "Exchange", ev: Any) -> bytes:
-        try:
-            msg = orjson.loads(ev.data)
-        except orjson.JSONDecodeError:
-            return ev.raw       # not JSON: not a message the gateway understands; relay as is
-        if not isinstance(msg, dict):
-            return ev.raw
-        try:
-            out = self._apply_hooks(ex, msg)
-        except GatewayError as err:
-            rid = msg.get("id", ex.rpc_id)
-            return encode_event(error_body(err, rid).decode(), id=ev.id)
-        if out is None:
-            return b""
-        return encode_event(orjson.dumps(out).decode(), event=ev.event or "message", id=ev.id)
-
     # -- SSE ----------------------------------------------------------------------
 
     async def _relay_sse(self, ex: "Exchange", resp: Response,
                          headers: CIMultiDict[str]) -> tuple[web.StreamResponse, bool]:
+        headers["Content-Type"] = "text/event-stream"
         headers["X-Accel-Buffering"] = "no"
         headers.setdefault("Cache-Control", "no-cache")
         out = web.StreamResponse(status=resp.status, headers=headers)
         ex.status = resp.status
         await out.prepare(ex.request)
         framer = SSEFramer(self._event_limit)
-        hooks = bool(ex.response_hooks)
+        relay = self._path.event
         sse_events = SSE_EVENTS_TALLY.pending
         sse_key = (ex.server.name,)
         content = resp.content
@@ -410,7 +338,11 @@ class Forwarder:
                     "an SSE event from the upstream exceeded the size limit", reason="upstream_too_large"))
                 return out, False
             for ev in events:
-                data = self._inspect_event(ex, ev) if hooks and ev.data is not None else ev.raw
+                try:
+                    data = relay(ex, ev)
+                except StreamAbort as abort:
+                    await self._end_with_error(ex, out, abort.error)
+                    return out, False
                 if not data:
                     continue
                 try:
@@ -433,9 +365,9 @@ class Forwarder:
     async def _end_with_error(self, ex: "Exchange", out: web.StreamResponse, err: GatewayError) -> None:
         ex.outcome = "error"
         ex.reason = err.reason
-        if ex.is_request:
+        if ex.is_request and not ex.answered:
             try:
-                await out.write(encode_event(error_body(err, ex.rpc_id).decode()))
+                await out.write(error_event(err, ex.rpc_id))
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 return
         try:

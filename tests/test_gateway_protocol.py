@@ -308,10 +308,12 @@ async def test_a_get_with_last_event_id_replays_the_rest_of_the_stream_from_the_
     replayed = [m["params"]["progress"] for m in messages if m.get("method") == "notifications/progress"]
     assert progress + replayed == [1, 2, 3]
     assert messages[-1]["result"]["content"][0]["text"] == "resumed and done after 3 steps"
-    # Event ids pass through unchanged, and the resume went to the upstream session that issued them.
-    stream_id = ids[-1].rsplit("/", 1)[0]
-    assert all(e.id.rsplit("/", 1)[0] == stream_id for e in events if e.id and e.data)
-    (get_record,) = [r for r in up.records() if r["method"] == "GET" and r["headers"].get("last-event-id") == ids[-1]]
+    # Event ids are the gateway's own (bound to session and principal), never the upstream's.
+    assert all(e.id.count(".") == 2 and "/" not in e.id for e in events + first.events if e.id), \
+        [e.id for e in events]
+    # The upstream was asked to resume from its own id (the gateway's id carries it, bound).
+    (get_record,) = [r for r in up.records() if r["method"] == "GET" and "last-event-id" in r["headers"]]
+    assert get_record["headers"]["last-event-id"] != ids[-1] and "/" in get_record["headers"]["last-event-id"]
     (call_record,) = [r for r in up.records() if r["jsonrpc_id"] == call["id"]]
     assert get_record["headers"]["mcp-session-id"] == call_record["headers"]["mcp-session-id"]
 

@@ -357,7 +357,15 @@ from aiohttp.test_utils import TestServer  # noqa: E402
 
 from gateway.errors import GatewayError  # noqa: E402
 from gateway.pipeline import Exchange  # noqa: E402
+from gateway.response import ResponsePath  # noqa: E402
+from gateway.stages.stream import EventIds, Origin, Stream  # noqa: E402
+from gateway.store.memory import MemoryStore  # noqa: E402
 from gateway.upstream import Forwarder, Upstreams  # noqa: E402
+
+
+def _path() -> ResponsePath:
+    """The real response path with no head stages (no session store: these tests are about transport)."""
+    return ResponsePath(head=(), stream=Stream(EventIds(MemoryStore())))
 
 
 class Front:
@@ -369,7 +377,7 @@ class Front:
         self.upstreams = Upstreams(config)  # type: ignore[arg-type]
         self.pool = pool_for(upstream_url, **pool_kw)
         self.upstreams.pools["s"] = self.pool
-        self.forwarder = Forwarder(config, self.upstreams, None, {})  # type: ignore[arg-type]
+        self.forwarder = Forwarder(config, self.upstreams, _path(), {})  # type: ignore[arg-type]
         self.server_cfg = SimpleNamespace(name="s")
         self.done = asyncio.Queue[str]()                 # how each handler ended
         app = web.Application()
@@ -380,6 +388,7 @@ class Front:
         ex = Exchange(request, self.server_cfg)  # type: ignore[arg-type]
         ex.body = (await request.read()) or None
         ex.is_request, ex.rpc_id = True, 7
+        ex.origin = Origin("p", "tools/call", 7)
         try:
             resp = await self.forwarder.forward(ex)
             self.done.put_nowait(ex.outcome)
@@ -416,7 +425,7 @@ async def test_forwarder_ends_an_sse_stream_cut_by_a_reset_without_an_in_band_er
 
     async def handler(peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await peer.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: {\"n\":1}\n\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{\"n\":1}}\n\n")
         await writer.drain()
         await cut.wait()
         _rst(writer)
@@ -427,7 +436,7 @@ async def test_forwarder_ends_an_sse_stream_cut_by_a_reset_without_an_in_band_er
         body = b'{"jsonrpc":"2.0","id":7,"method":"x"}'
         writer.write(b"POST /mcp HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(body), body))
-        await asyncio.wait_for(reader.readuntil(b'{"n":1}'), WAIT)     # the first event reached the client
+        await asyncio.wait_for(reader.readuntil(b'"params":{"n":1}'), WAIT)     # the first event reached the client
         cut.set()
         rest = await asyncio.wait_for(reader.read(), WAIT)
         writer.close()
@@ -464,7 +473,7 @@ async def test_forwarder_reports_sse_breaks_and_silence_in_band(peers: list[Peer
     async def handler(peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await peer.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + chunk(b'data: {"n":1}\n\n'))
+                     + chunk(b'data: {"jsonrpc":"2.0","method":"notifications/message","params":{"n":1}}\n\n'))
         await writer.drain()
         if peer.accepted == 1:
             return                                      # FIN before the last chunk: broken
@@ -473,9 +482,9 @@ async def test_forwarder_reports_sse_breaks_and_silence_in_band(peers: list[Peer
     peer = await start(peers, handler)
     async with Front(peer.url, read_timeout=0.3) as front:
         status, body = await front.post()
-        assert status == 200 and b'{"n":1}' in body and b"upstream_stream_broken" in body
+        assert status == 200 and b'"params":{"n":1}' in body and b"upstream_stream_broken" in body
         status, body = await front.post()
-        assert status == 200 and b'{"n":1}' in body and b'"code":-32000' in body and b"upstream_timeout" in body
+        assert status == 200 and b'"params":{"n":1}' in body and b'"code":-32000' in body and b"upstream_timeout" in body
         assert front.pool.open_connections == 0         # neither connection is kept
 
 
@@ -483,7 +492,7 @@ async def test_a_client_disconnect_mid_stream_closes_the_upstream_connection(pee
     async def handler(peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await peer.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + chunk(b'data: {"n":1}\n\n'))
+                     + chunk(b'data: {"jsonrpc":"2.0","method":"notifications/message","params":{"n":1}}\n\n'))
         await writer.drain()
         assert await reader.read() == b""               # the gateway closes: EOF
 
@@ -492,7 +501,7 @@ async def test_a_client_disconnect_mid_stream_closes_the_upstream_connection(pee
         reader, writer = await asyncio.open_connection("127.0.0.1", front.server.port)
         body = b'{"jsonrpc":"2.0","id":7,"method":"x"}'
         writer.write(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        await asyncio.wait_for(reader.readuntil(b'{"n":1}'), WAIT)
+        await asyncio.wait_for(reader.readuntil(b'"params":{"n":1}'), WAIT)
         writer.transport.abort()                        # the client goes away while the stream is idle
         assert await asyncio.wait_for(front.done.get(), WAIT) == "cancelled:client_gone"
         assert await asyncio.wait_for(peer.closed.get(), WAIT) == 1

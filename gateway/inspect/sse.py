@@ -22,13 +22,21 @@ class SSEEvent:
     id: str | None = None
     retry: int | None = None
     comment_only: bool = False
+    invalid: bool = False      # not UTF-8: nothing in it can be checked, so nothing is relayed
 
 
 def _parse(raw: bytes) -> SSEEvent:
     ev = SSEEvent(raw)
     data: list[str] = []
     has_field = False
-    for line in raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        ev.invalid = True
+        return ev
+    if text[:1] == "\ufeff":
+        text = text[1:]        # the SSE spec strips one leading BOM
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
         if not line or line.startswith(":"):
             continue
         has_field = True
@@ -42,7 +50,7 @@ def _parse(raw: bytes) -> SSEEvent:
         elif name == "id":
             if "\x00" not in value:
                 ev.id = value
-        elif name == "retry" and value.isdigit():
+        elif name == "retry" and value.isdigit() and len(value) < 10:
             ev.retry = int(value)
     if data:
         ev.data = "\n".join(data)
@@ -50,11 +58,14 @@ def _parse(raw: bytes) -> SSEEvent:
     return ev
 
 
-def encode_event(data: str, *, event: str | None = "message", id: str | None = None) -> bytes:
+def encode_event(data: str, *, event: str | None = "message", id: str | None = None,
+                 retry: int | None = None) -> bytes:
     """Serialize one event; multi-line data becomes several data lines."""
     parts = []
     if id is not None:
         parts.append(f"id: {id}\n")
+    if retry is not None:
+        parts.append(f"retry: {retry}\n")
     if event is not None:
         parts.append(f"event: {event}\n")
     for line in data.split("\n"):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from ..errors import BadRequest, HostRejected, MethodNotAllowed, OriginRejected
-from ..upstream import error_body
+from ..response import error_body
 
 if TYPE_CHECKING:
     from ..config.model import Config

@@ -46,7 +46,8 @@ if TYPE_CHECKING:
     from ..pipeline import Exchange
 
 log = structlog.get_logger("gateway.pinning")
-CHANNEL = "pinning"          # store pub/sub: b"stale:<server>:<replica>" and b"reset:<server>"
+CHANNEL = "pinning"
+_REPLAY = "\x00replay"       # no upstream cursor: listing_for() finds no listing for it          # store pub/sub: b"stale:<server>:<replica>" and b"reset:<server>"
 
 FetchFn = Callable[["ServerConfig", "Exchange | None"], Awaitable[list[dict[str, Any]]]]
 
@@ -135,6 +136,8 @@ class Pinning:
         await self._ensure(st, ex)
         params = ex.message.get("params") if isinstance(ex.message, dict) else None
         cursor = params.get("cursor") if isinstance(params, dict) else None
+        if ex.replay:
+            cursor = _REPLAY      # a replayed page is checked like any page but never completes a listing
         ex.response_hooks.append(_ListHook(self, st, cursor if isinstance(cursor, str) else None))
 
     async def _call(self, st: ServerPins, ex: "Exchange") -> None:
