@@ -237,3 +237,56 @@ async def test_a_modern_request_stream_carries_only_its_own_answer(evil: EvilUps
                            headers=modern_headers("tools/list"), version=MODERN_VERSION)
     answers = [m for m in reply.messages if "result" in m or "error" in m]
     assert len(answers) == 1 and [t["name"] for t in answers[0]["result"]["tools"]] == ["safe_tool"]
+
+
+# --------------------------------------------------------------------------- resumption
+
+def primed_then_closed(rid: Any) -> bytes:
+    """A request's stream that gives a resumption point and closes before its answer (SEP-1699)."""
+    return sse_head() + b"id: up-1\nretry: 10\ndata: \n\n"
+
+
+async def test_a_replayed_list_goes_through_the_same_filter_as_the_live_one(
+        evil: EvilUpstream, gateway: Any, tmp_path: Path) -> None:
+    evil.scripts["tools/list"] = lambda e, rid, m: _ret(primed_then_closed(rid))
+    gw = await gateway_for(gateway, evil, tmp_path)
+    async with http_client() as client:
+        sid, _ = await initialize(client, gw.url("evil"))
+        listing = rpc("tools/list", {})
+        first = await post(client, gw.url("evil"), listing, session_id=sid)
+        (minted,) = [e.id for e in first.events if e.id]
+        assert minted != "up-1"
+        evil.replays["up-1"] = sse_event(result(listing["id"]), id="up-2")
+        headers = {"Accept": "text/event-stream", "Mcp-Session-Id": sid, "Last-Event-ID": minted,
+                   "MCP-Protocol-Version": LEGACY_VERSION}
+        async with client.get(gw.url("evil"), headers=headers) as get:
+            assert get.status == 200
+            events = [e async for e in read_events(get)]
+    (answer,) = [e.message for e in events if e.data]
+    assert [t["name"] for t in answer["result"]["tools"]] == ["safe_tool"]
+    # The upstream was asked for its own id, not the gateway's.
+    (get_req,) = [h for m, h, _ in evil.requests if m == "GET"]
+    assert get_req["last-event-id"] == "up-1"
+
+
+@pytest.mark.parametrize("forgery", ["other_session", "upstream_id", "tampered", "garbage"])
+async def test_an_event_id_not_minted_for_this_session_is_refused(
+        forgery: str, evil: EvilUpstream, gateway: Any, tmp_path: Path) -> None:
+    evil.scripts["tools/list"] = lambda e, rid, m: _ret(primed_then_closed(rid))
+    gw = await gateway_for(gateway, evil, tmp_path)
+    async with http_client() as client:
+        victim, _ = await initialize(client, gw.url("evil"))
+        attacker, _ = await initialize(client, gw.url("evil"))
+        first = await post(client, gw.url("evil"), rpc("tools/list", {}), session_id=victim)
+        (minted,) = [e.id for e in first.events if e.id]
+        presented = {"other_session": minted, "upstream_id": "up-1",
+                     "tampered": minted[:-2] + ("AA" if not minted.endswith("AA") else "BB"),
+                     "garbage": "x" * 5000}[forgery]
+        headers = {"Accept": "text/event-stream", "Mcp-Session-Id": attacker, "Last-Event-ID": presented,
+                   "MCP-Protocol-Version": LEGACY_VERSION}
+        async with client.get(gw.url("evil"), headers=headers) as get:
+            assert get.status == 400
+            body = await get.json()
+    assert body["error"]["data"]["reason"] == "event_id_invalid"
+    assert not [m for m, h, _ in evil.requests if m == "GET"]      # nothing was replayed upstream
+    gw.wait_for_log({"event": "security.event_id_refused"})

@@ -50,6 +50,8 @@ class EvilUpstream:
     get_streams: list[asyncio.StreamWriter] = field(default_factory=list)
     get_stream_open: asyncio.Event = field(default_factory=asyncio.Event)
     requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
+    # GET with Last-Event-ID: <key> is answered with these SSE bytes, then the stream ends.
+    replays: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -86,6 +88,11 @@ class EvilUpstream:
                 headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
                 body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
                 self.requests.append((method, headers, body))
+                if method == "GET" and "last-event-id" in headers:
+                    writer.write(sse_head() + self.replays.get(headers["last-event-id"], b""))
+                    await writer.drain()
+                    writer.close()
+                    return
                 if method == "GET":
                     writer.write(sse_head())
                     await writer.drain()
