@@ -11,9 +11,9 @@ import base64
 import binascii
 from typing import TYPE_CHECKING, Any, Awaitable
 
-import orjson
 from aiohttp import web
 
+from .. import codec
 from ..errors import BadRequest, BodyTooLarge, HeaderMismatch, ParseError, UnsupportedMediaType
 from ..pipeline import MODERN
 
@@ -87,11 +87,11 @@ class Parse:
         self._message(ex, ex.request.headers, body)
 
     def _message(self, ex: "Exchange", headers: Any, body: bytes) -> None:
-        ex.body = body
         try:
-            msg = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise ParseError("request body is not valid JSON") from exc
+            msg, body = codec.loads(body)   # what is forwarded is what was parsed (codec.py)
+        except codec.CodecError as exc:
+            raise ParseError(f"request body is not strict JSON ({exc.reason})") from None
+        ex.body = body
         if isinstance(msg, list):
             raise BadRequest("JSON-RPC batches are not supported (removed in MCP 2025-06-18); "
                              "send one message per request", reason="batch_rejected")
