@@ -31,7 +31,7 @@ import structlog
 from ..codec import ERROR, NOTIFICATION, REQUEST, RESULT, Message
 from ..errors import BadRequest
 from ..store.base import StoreError
-from ..telemetry.metrics import security_event
+from ..telemetry.metrics import MCP_ERRORS_TALLY, method_label, security_event
 
 if TYPE_CHECKING:
     from ..pipeline import Exchange
@@ -150,13 +150,20 @@ class Stream:
                 msg.id == origin.rpc_id or (kind is ERROR and msg.id is None)):
             ex.answered = True
             if kind is ERROR:
-                ex.outcome = "rpc_error"
+                self._failed(ex, "rpc_error")
             elif kind is RESULT and msg.value["result"].get("isError") is True:
-                ex.outcome = "tool_error"
+                self._failed(ex, "tool_error")
             return True
         security_event("misrouted_response")
         log.warning("security.response_misrouted", server=ex.server.name, kind=kind)
         return False
+
+    @staticmethod
+    def _failed(ex: "Exchange", kind: str) -> None:
+        """The answer is an MCP-level failure inside a successful exchange: audit and count it."""
+        ex.outcome = kind
+        key = (ex.server.name, method_label(ex.origin.method), kind)
+        _MCP_ERRORS[key] = _MCP_ERRORS.get(key, 0) + 1
 
     def event_id(self, ex: "Exchange", upstream_id: str | None) -> str | None:
         if upstream_id is None or ex.origin is None:
@@ -164,5 +171,6 @@ class Stream:
         return self.ids.mint(ex, upstream_id, ex.origin)
 
 
+_MCP_ERRORS = MCP_ERRORS_TALLY.pending
 _STANDALONE = Origin("g", None, None)
 _NO_ANSWERS = Origin("n", None, None)

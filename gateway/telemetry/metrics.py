@@ -271,3 +271,13 @@ TOOL_CALLS_HELD = Counter(
     ["server", "kind"],
 )
 # --- end tool pinning and poisoning ----------------------------------------------------------------
+
+
+# --- MCP-level outcomes (an HTTP 200 can carry a JSON-RPC error or a failed tool call) ---------
+MCP_ERRORS = Counter(
+    "mcpgw_mcp_errors_total",
+    "Answers relayed with an MCP-level failure inside a successful HTTP exchange: kind=rpc_error "
+    "(a JSON-RPC error) or tool_error (a tools/call result with isError: true), by server and method.",
+    ["server", "method", "kind"],
+)
+MCP_ERRORS_TALLY = Tally(MCP_ERRORS)                # (server, method label, kind)
