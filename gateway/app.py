@@ -84,8 +84,8 @@ class Gateway:
         # The last-seen tool definitions per server: pinning checks them, authz reads
         # their annotations (destructiveHint) for tools/call.
         self.catalog = ToolCatalog()
-        self.authn = Authn(config, self)
-        pinning = make_pinning(config, self)
+        self.authn = Authn(config)
+        pinning = make_pinning(config, self.store, self.catalog, self.upstreams.clients, self.credentials)
         # A replica that has not relayed a listing yet fetches the live tools on demand.
         self.refresh_tools = pinning.refresh_tools if pinning is not None else self._fetch_tools
         stages: list[Any] = [
@@ -97,7 +97,7 @@ class Gateway:
         ]
         if (scopes := Scopes.make(config)) is not None:
             stages.append(scopes)                 # mount-wide scopes: cheapest refusal first
-        stages.append(make_authz(config, self))
+        stages.append(make_authz(config, self.catalog, refresh=self.refresh_tools))
         if pinning is not None:
             stages.append(pinning)
         self.stages: tuple[Any, ...] = tuple(stages)

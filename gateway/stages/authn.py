@@ -54,7 +54,7 @@ class _Mount:
 class Authn:
     name = "authn"
 
-    def __init__(self, config: Any, deps: Any = None) -> None:
+    def __init__(self, config: Any) -> None:
         self._config = config
         auth = config.auth
         self._none = auth.mode == "none"

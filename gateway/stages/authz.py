@@ -233,19 +233,15 @@ class ListFilter:
         return decide(self.policies, server, self.kind, name, principal, ANY, annotations).allowed
 
 
-def make_authz(config: "Config", gw: Any) -> Authz:
+def make_authz(config: "Config", catalog: ToolCatalog,
+               refresh: Callable[["Exchange"], Awaitable[None]] | None = None) -> Authz:
     """Build the stage for ``app.py``: load the policies (raise ``ConfigError``) and set up reload.
 
+    ``catalog`` is the shared tool catalog (annotations for ``tools/call``);
+    ``refresh(ex)`` fills it for a server this replica has not listed yet.
     With no ``policies:`` key every server is default-deny: only protocol
     plumbing passes, lists come back empty, and a warning says so at start.
     """
-    catalog = getattr(gw, "catalog", None)
-    if catalog is None:
-        catalog = ToolCatalog()
-        try:
-            gw.catalog = catalog
-        except AttributeError:
-            pass
     if config.policies_path is None:
         log.warning("policy.none_configured", detail="no 'policies:' in the config: every tool, resource, "
                     "prompt and method call is refused (default deny); see docs/policy.md")
@@ -254,5 +250,4 @@ def make_authz(config: "Config", gw: Any) -> Authz:
     holder = PolicyHolder(initial)
     log.info("policy.loaded", rules=initial.rule_count, files=len(initial.files), digest=initial.digest[:12])
     watcher = PolicyWatcher(holder, config.policies_path, config.servers)
-    return Authz(holder, catalog, watcher, refresh=getattr(gw, "refresh_tools", None))
-
+    return Authz(holder, catalog, watcher, refresh=refresh)

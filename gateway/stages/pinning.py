@@ -330,32 +330,26 @@ def _blocking_findings(entry: Entry) -> bool:
     return any(f.rule in entry.blocking for f in entry.findings)
 
 
-def make_pinning(config: "Config", gw: Any) -> Pinning | None:
+def make_pinning(config: "Config", store: Any, catalog: ToolCatalog, clients: dict[str, Any],
+                 credentials: dict[str, Any]) -> Pinning | None:
     """Build the stage for ``app.py`` (None when no server pins its tools).
 
     Side fetches are plain JSON-RPC (``tool_fetch``) over the server's own
-    connection pool (``gw.upstreams.clients``) with its upstream credentials
-    (``gw.credentials``, given the caller's exchange, so per-caller credentials
-    such as token exchange apply); the era that worked is remembered per server.
+    control client (``clients[name]``) with its upstream credentials
+    (``credentials[name]``, given the caller's exchange, so per-caller
+    credentials such as token exchange apply); the era that worked is
+    remembered per server.
     """
     if not any(s.pinning is not None and s.pinning.enabled for s in config.servers.values()):
         return None
-    catalog = getattr(gw, "catalog", None)
-    if catalog is None:
-        catalog = ToolCatalog()
-        gw.catalog = catalog
     eras: dict[str, str] = {}
 
     async def fetch(server: "ServerConfig", ex: "Exchange | None") -> list[dict[str, Any]]:
-        http = gw.upstreams.clients[server.name]
-        provider = getattr(gw, "credentials", {}).get(server.name)
+        provider = credentials.get(server.name)
         headers = dict(await provider.headers(ex)) if provider is not None and ex is not None else {}
-        tools, era = await fetch_tools(http, server.url, headers, timeout=min(server.read_timeout, 30.0),
-                                       era=eras.get(server.name))
+        tools, era = await fetch_tools(clients[server.name], server.url, headers,
+                                       timeout=min(server.read_timeout, 30.0), era=eras.get(server.name))
         eras[server.name] = era
         return tools
 
-    stage = Pinning(config, gw.store, catalog, fetch)
-    if getattr(gw, "refresh_tools", None) is None:
-        gw.refresh_tools = stage.refresh_tools   # for authz's annotation lookups (see its docstring)
-    return stage
+    return Pinning(config, store, catalog, fetch)
