@@ -103,13 +103,17 @@ class ResponsePath:
         if not hooks:
             return msg
         value = msg.value
+        changed = False
         # Declared order: hooks are registered in request order, so reversed is the
         # response order of app.py (pinning sees the whole list before the policy filter).
         for hook in reversed(hooks):
             value = hook(ex, value)
             if value is None:
                 return None
-        return msg.replace(value)
+            # A hook may change the message in place: unless it declares itself read-only,
+            # what it returns is serialised again, so the bytes relayed are what it checked.
+            changed = changed or not getattr(hook, "readonly", False)
+        return msg.replace(value) if changed or value is not msg.value else msg
 
     def json_body(self, ex: "Exchange", body: bytes) -> bytes:
         """The JSON body to relay (before the response starts).  Raises ``GatewayError``."""

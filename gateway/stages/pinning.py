@@ -273,12 +273,10 @@ class Pinning:
 class _Watch:
     """Response hook for any stream of a pinned server: notices ``notifications/tools/list_changed``.
 
-    ``sse_only``: a JSON body is one response, never a notification, so the
-    forwarder need not parse it for this hook.
     """
 
     __slots__ = ("stage",)
-    sse_only = True
+    readonly = True          # never changes a message (response.py need not serialise it again)
 
     def __init__(self, stage: "Pinning") -> None:
         self.stage = stage
