@@ -104,6 +104,14 @@ class BodyTooLarge(GatewayError):
     reason = "body_too_large"
 
 
+class RequestTimeout(GatewayError):
+    """The client did not send its request (body) in time; the connection is closed after."""
+
+    status = 408
+    code = INVALID_REQUEST
+    reason = "request_timeout"
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     code = INVALID_REQUEST

@@ -23,11 +23,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .codec import SSE
-from .errors import GatewayError, UpstreamAuthRefused, UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
+from .errors import (
+    GatewayError, Unavailable, UpstreamAuthRefused, UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable,
+)
 from .inspect.sse import SSEFramer, SSETooLarge
 from .response import EMPTY, ResponsePath, StreamAbort, error_body, error_event
 from .telemetry.metrics import BOUND, SSE_EVENTS_TALLY, UPSTREAM_CONNECTIONS, UPSTREAM_ERRORS, Sampler
-from .upstream_http import Pool, Response, UnsafeHeader
+from .upstream_http import Pool, PoolExhausted, Response, UnsafeHeader
 
 if TYPE_CHECKING:
     from .config.model import Config, ServerConfig
@@ -35,15 +37,17 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway.upstream")
 
-# Never forwarded upstream: hop-by-hop headers (RFC 9110 §7.6.1), the client's
-# credentials (no token passthrough), headers the gateway validated or owns.
-_DROP_REQUEST = frozenset({
-    "host", "content-length", "connection", "keep-alive", "proxy-authenticate",
-    "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-    "authorization", "cookie", "accept-encoding", "mcp-session-id", "origin", "referer", "expect",
-    "last-event-id",
-    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+# The client headers an upstream may see: an allow-list, decided on the lower-case name
+# (a name with "_" never matches, so no upstream that folds "_" into "-" can be handed a
+# header the gateway owns: hygiene refuses those names outright).  Everything else, the
+# client's credentials and cookies, hop-by-hop headers, the session id and Last-Event-ID
+# (the gateway sends its own translations), identity headers, is never forwarded.
+# servers.<name>.forward_headers adds names per server.
+FORWARDED = frozenset({
+    "content-type", "accept", "mcp-protocol-version", "mcp-method", "mcp-name", "user-agent",
+    "traceparent", "tracestate",
 })
+_PARAM_PREFIX = "mcp-param-"
 # Never relayed to the client: hop-by-hop, the upstream's own session id (the
 # client gets the gateway's), its auth challenges, and cookies (all mounts
 # share the gateway's origin, so one upstream's cookie would reach the others).
@@ -64,7 +68,7 @@ Pairs = Sequence[tuple[str, str]]
 
 
 class _HeaderFilter:
-    """The header lines whose names are not in ``drop``, in order.
+    """The header lines whose names ``keep`` (lower-case name -> bool) accepts, in order.
 
     Clients and upstreams send the same header names request after request, so
     which positions survive is memoised per sequence of names; a hit copies the
@@ -73,10 +77,10 @@ class _HeaderFilter:
     caller filters it with ``filter_slow``.)
     """
 
-    __slots__ = ("drop", "plans")
+    __slots__ = ("accept", "plans")
 
-    def __init__(self, drop: frozenset[str]) -> None:
-        self.drop = drop
+    def __init__(self, accept: Callable[[str], bool]) -> None:
+        self.accept = accept
         self.plans: dict[tuple[str, ...], Callable[[list[tuple[str, str]]], Pairs]] = {}
 
     def keep(self, headers: Any) -> Pairs:
@@ -86,7 +90,7 @@ class _HeaderFilter:
         if pick is None:
             if len(self.plans) >= 256:     # names are chosen by the sender: bounded
                 self.plans.clear()
-            kept = [i for i, name in enumerate(names) if name.lower() not in self.drop]
+            kept = [i for i, name in enumerate(names) if self.accept(name.lower())]
             if len(kept) >= 2:
                 pick = itemgetter(*kept)
             elif kept:
@@ -96,9 +100,16 @@ class _HeaderFilter:
             self.plans[names] = pick
         return pick(items)
 
-    @staticmethod
-    def filter_slow(headers: Any, drop: frozenset[str]) -> Pairs:
-        return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+    def filter_slow(self, headers: Any, drop: frozenset[str]) -> Pairs:
+        return [(k, v) for k, v in headers.items() if (n := k.lower()) not in drop and self.accept(n)]
+
+
+def _request_filter(extra: frozenset[str]) -> _HeaderFilter:
+    allowed = FORWARDED | extra
+    return _HeaderFilter(lambda name: name in allowed or name[:10] == _PARAM_PREFIX)
+
+
+_RESPONSE_FILTER = _HeaderFilter(lambda name: name not in _DROP_RESPONSE)
 
 
 class Upstreams:
@@ -120,7 +131,7 @@ class Upstreams:
 
     async def start(self) -> None:
         for name, server in self._config.servers.items():
-            self.pools[name] = Pool(server.url, limit=server.max_connections,
+            self.pools[name] = Pool(server.url, limit=server.max_connections, pool_timeout=server.pool_timeout,
                                     connect_timeout=server.connect_timeout, read_timeout=server.read_timeout)
             connector = aiohttp.TCPConnector(limit=self._CONTROL_CONNECTIONS, ttl_dns_cache=60,
                                              enable_cleanup_closed=True)
@@ -153,19 +164,20 @@ class Forwarder:
         self._upstreams = upstreams
         self._path = path
         self._creds = credentials
-        self._drop = _DROP_REQUEST | {h.lower() for h in identity_headers}
-        self._request_filter = _HeaderFilter(self._drop)
-        self._response_filter = _HeaderFilter(_DROP_RESPONSE)
+        self._request_filters = {name: _request_filter(s.forward_headers - {h.lower() for h in identity_headers})
+                                 for name, s in config.servers.items()}
+        self._response_filter = _RESPONSE_FILTER
         self._event_limit = config.limits.max_sse_event_bytes
         self._json_limit = config.limits.max_response_bytes
 
     def _base_headers(self, ex: "Exchange") -> dict[str, str]:
-        """The client's headers minus everything in ``_DROP_REQUEST`` (and ``Connection``'s list)."""
+        """The client's allow-listed headers (less any that ``Connection`` names hop-by-hop)."""
         headers = ex.request.headers
+        filt = self._request_filters[ex.server.name]
         if "Connection" in headers:
-            out = dict(_HeaderFilter.filter_slow(headers, self._drop | _connection_tokens(headers)))
+            out = dict(filt.filter_slow(headers, _connection_tokens(headers)))
         else:
-            out = dict(self._request_filter.keep(headers))
+            out = dict(filt.keep(headers))
         out["Accept-Encoding"] = "identity"
         if ex.upstream_session_id is not None:
             out["Mcp-Session-Id"] = ex.upstream_session_id
@@ -198,6 +210,11 @@ class Forwarder:
             self._count(server, "unsafe_header")
             raise GatewayError("the gateway could not build a valid request for the upstream",
                                reason="upstream_request_invalid") from None
+        except PoolExhausted:
+            self._count(server, "pool_exhausted")
+            log.warning("upstream.pool_exhausted", server=server.name, limit=server.max_connections)
+            raise Unavailable("every connection to the upstream MCP server is busy; retry later",
+                              reason="upstream_pool_exhausted", headers={"Retry-After": "1"}) from None
         except asyncio.TimeoutError as exc:
             self._count(server, "timeout")
             raise UpstreamTimeout("the upstream MCP server did not answer in time") from exc
@@ -253,8 +270,7 @@ class Forwarder:
         # Case-insensitive, so the gateway's own SSE headers replace the upstream's
         # instead of being sent twice.
         if "Connection" in resp.headers:
-            out_headers = CIMultiDict(_HeaderFilter.filter_slow(
-                resp.headers, _DROP_RESPONSE | _connection_tokens(resp.headers)))
+            out_headers = CIMultiDict(self._response_filter.filter_slow(resp.headers, _connection_tokens(resp.headers)))
         else:
             out_headers = CIMultiDict(self._response_filter.keep(resp.headers))
         if ex.response_headers:

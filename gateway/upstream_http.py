@@ -37,6 +37,8 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from typing import Any
+
 import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -69,6 +71,15 @@ class UpstreamDisconnected(aiohttp.ServerDisconnectedError):
 
 class UpstreamPayloadError(aiohttp.ClientPayloadError):
     """The upstream closed the connection in the middle of the response body."""
+
+
+class PoolExhausted(Exception):
+    """Every connection to the upstream stayed busy for ``pool_timeout``: the request was not sent."""
+
+
+def _exhaust(fut: "asyncio.Future[Any]") -> None:
+    if not fut.done():
+        fut.set_exception(PoolExhausted())
 
 
 def _expire(fut: asyncio.Future[None]) -> None:
@@ -342,7 +353,8 @@ class Pool:
     """Keep-alive connections to one upstream origin, at most ``limit`` open at a time."""
 
     def __init__(self, url: str | URL, *, limit: int, connect_timeout: float, read_timeout: float,
-                 idle_timeout: float = 4.0, ssl_context: ssl.SSLContext | None = None) -> None:
+                 idle_timeout: float = 4.0, ssl_context: ssl.SSLContext | None = None,
+                 pool_timeout: float = 10.0) -> None:
         u = URL(url) if isinstance(url, str) else url
         if u.scheme not in ("http", "https") or not u.host:
             raise ValueError(f"not an http(s) URL: {u}")
@@ -359,6 +371,7 @@ class Pool:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._idle_timeout = idle_timeout
+        self._pool_timeout = pool_timeout       # longest wait for a free slot (PoolExhausted past it)
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         self._connecting = 0
@@ -417,8 +430,10 @@ class Pool:
                 return conn
             if len(self._open) + self._connecting < self._limit:
                 return await self._connect()
-            waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[_Connection | None] = loop.create_future()
             self._waiters.append(waiter)
+            timer = loop.call_later(self._pool_timeout, _exhaust, waiter)
             try:
                 conn = await waiter
             except BaseException:
@@ -429,6 +444,8 @@ class Pool:
                     else:
                         self._wake_one()               # a free slot: pass the wake-up on
                 raise
+            finally:
+                timer.cancel()
             if conn is not None and not conn.closed:
                 return conn
             # None: a connection closed, so there is room to open one.

@@ -51,7 +51,8 @@ def cookie_setter(upstreams: list[Upstream]) -> Upstream:
 def gw(stack: Stack, up: Upstream, guarded: Upstream, cookie_setter: Upstream) -> Gateway:
     return stack.gateway(
         {"servers": {
-            "up": {"url": up.url, "credentials": {"header": "X-Api-Key", "value": "env:E2E_UPSTREAM_KEY"}},
+            "up": {"url": up.url, "credentials": {"header": "X-Api-Key", "value": "env:E2E_UPSTREAM_KEY"},
+                   "forward_headers": ["X-End-To-End"]},
             "guarded": {"url": guarded.url,
                         "credentials": {"header": "Authorization", "value": "env:E2E_UPSTREAM_BEARER"}},
             "guarded-nocreds": {"url": guarded.url},
@@ -181,7 +182,8 @@ async def test_client_credentials_and_hop_by_hop_headers_never_reach_the_upstrea
         http: Any, gw: Gateway, up: Upstream) -> None:
     rpc_id = f"hdr-{uuid.uuid4().hex[:8]}"
     headers = modern_headers("tools/list", **CLIENT_SECRET_HEADERS, **HOP_BY_HOP,
-                             **{"X-Api-Key": "forged-by-the-client", "X-End-To-End": "kept"})
+                             **{"X-Api-Key": "forged-by-the-client", "X-End-To-End": "kept",
+                                "X-Not-Listed": "dropped"})
     reply = await post(http, gw.url("up"), listed(rpc_id), headers, version=None)
     assert reply.status == 200
     seen = record_of(up, rpc_id)["headers"]
@@ -191,7 +193,8 @@ async def test_client_credentials_and_hop_by_hop_headers_never_reach_the_upstrea
             continue
         assert name.lower() not in seen, name
     assert seen["x-api-key"] == UPSTREAM_KEY            # configured credential, not the client's copy
-    assert seen["x-end-to-end"] == "kept"
+    assert seen["x-end-to-end"] == "kept"             # servers.up.forward_headers
+    assert "x-not-listed" not in seen                  # not on the allow-list
     assert seen["host"] == f"127.0.0.1:{up.port}"
     assert seen["mcp-method"] == "tools/list"
 

@@ -1,37 +1,51 @@
-"""The forwarder's memoised header filter agrees with the plain per-header loop."""
+"""The forwarder's memoised header filters agree with the plain per-header loop.
+
+Requests: only allow-listed names (plus ``Mcp-Param-*`` and a server's ``forward_headers``)
+reach an upstream, decided on the lower-case name, so a name spelled with ``_`` never
+matches.  Responses: the drop list.
+"""
 from __future__ import annotations
 
 import random
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.upstream import _DROP_REQUEST, _DROP_RESPONSE, _HeaderFilter
+from gateway.upstream import _DROP_RESPONSE, _RESPONSE_FILTER, FORWARDED, _request_filter
 
 NAMES = ["Host", "host", "Accept", "Content-Type", "Authorization", "AUTHORIZATION", "Cookie", "Mcp-Session-Id",
-         "mcp-session-id", "X-Custom", "x-custom", "Content-Length", "Mcp-Method", "Set-Cookie", "Server", "Date"]
+         "mcp-session-id", "Mcp_Session_Id", "X-Custom", "x-custom", "Content-Length", "Mcp-Method", "MCP_METHOD",
+         "Set-Cookie", "Server", "Date", "Mcp-Param-Region", "X-Tenant", "Last-Event-ID", "X-Forwarded-For",
+         "X_Forwarded_For", "traceparent"]
 
 
-def _expected(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in drop}
+def _allowed(name: str) -> bool:
+    n = name.lower()
+    return n in FORWARDED or n in {"x-tenant"} or n.startswith("mcp-param-")
 
 
 def test_memoised_plans_give_what_the_loop_gives() -> None:
     rng = random.Random(3)
-    for drop in (_DROP_REQUEST, _DROP_RESPONSE):
-        hf = _HeaderFilter(drop)
+    cases = [(_request_filter(frozenset({"x-tenant"})), _allowed),
+             (_RESPONSE_FILTER, lambda n: n.lower() not in _DROP_RESPONSE)]
+    for hf, keep in cases:
         shapes = [[rng.choice(NAMES) for _ in range(rng.randint(0, 9))] for _ in range(40)]
         for _ in range(3):          # cold, then from the memo
             for shape in shapes:
                 headers = CIMultiDictProxy(CIMultiDict((n, f"{n}-{rng.random()}") for n in shape))
                 kept = hf.keep(headers)
-                assert dict(kept) == _expected(headers, drop)
-                assert list(CIMultiDict(kept).items()) == [(k, v) for k, v in headers.items()
-                                                           if k.lower() not in drop]
+                assert list(kept) == [(k, v) for k, v in headers.items() if keep(k)]
+
+
+def test_only_the_allow_list_reaches_an_upstream() -> None:
+    hf = _request_filter(frozenset())
+    headers = CIMultiDictProxy(CIMultiDict([(n, "v") for n in NAMES]))
+    assert sorted({k.lower() for k, _ in hf.keep(headers)}) == [
+        "accept", "content-type", "mcp-method", "mcp-param-region", "traceparent"]
 
 
 def test_plans_are_bounded() -> None:
-    hf = _HeaderFilter(_DROP_REQUEST)
+    hf = _request_filter(frozenset())
     for i in range(1000):
-        hf.keep(CIMultiDictProxy(CIMultiDict([(f"X-{i}", "v"), ("Authorization", "secret")])))
+        hf.keep(CIMultiDictProxy(CIMultiDict([(f"X-{i}", "v"), ("Accept", "a"), ("Authorization", "secret")])))
         assert len(hf.plans) <= 256
-    assert dict(hf.keep(CIMultiDictProxy(CIMultiDict([("X-1", "v"), ("Authorization", "s")])))) == {"X-1": "v"}
+    assert dict(hf.keep(CIMultiDictProxy(CIMultiDict([("Accept", "v"), ("Authorization", "s")])))) == {"Accept": "v"}

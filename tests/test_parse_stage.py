@@ -30,6 +30,7 @@ def _setup(chunks: list[bytes], eof: bool, max_body: int = 1 << 20) -> tuple[Par
     req = make_mocked_request("POST", "/mcp/a", headers=HEADERS, payload=payload)
     config = mock.Mock()
     config.limits.max_body_bytes = max_body
+    config.limits.body_timeout = 5.0
     server = mock.Mock()
     server.name = "a"
     return Parse(config), Exchange(req, server), payload

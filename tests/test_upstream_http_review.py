@@ -372,8 +372,8 @@ class Front:
     """A real aiohttp server (handler_cancellation on, as in app.py) whose handler is Forwarder.forward."""
 
     def __init__(self, upstream_url: str, **pool_kw: object) -> None:
-        config = SimpleNamespace(servers={}, limits=SimpleNamespace(max_sse_event_bytes=64 * 1024,
-                                                                    max_response_bytes=1024 * 1024))
+        config = SimpleNamespace(servers={"s": SimpleNamespace(forward_headers=frozenset())},
+                                 limits=SimpleNamespace(max_sse_event_bytes=64 * 1024, max_response_bytes=1024 * 1024))
         self.upstreams = Upstreams(config)  # type: ignore[arg-type]
         self.pool = pool_for(upstream_url, **pool_kw)
         self.upstreams.pools["s"] = self.pool

@@ -51,6 +51,9 @@ class Limits:
     read_timeout: float = 300.0            # upstream silence (headers or between bytes) -> 504
     max_connections_per_server: int = 256
     max_tools_per_page: int = 1000         # a tools/list page with more is refused before it is scanned
+    header_timeout: float = 10.0           # a request's header block must arrive whole within this
+    body_timeout: float = 30.0             # ...and its body within this, once the headers are in
+    pool_timeout: float = 10.0             # waiting for a free upstream connection -> 503 past this
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,8 @@ class ServerConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 300.0
     max_connections: int = 256
+    pool_timeout: float = 10.0
+    forward_headers: frozenset[str] = frozenset()   # lower-case names forwarded besides the built-in allow-list
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +179,9 @@ def _limits(r: Reader) -> Limits:
         read_timeout=sub.duration("read_timeout", d.read_timeout, min=0.001),
         max_connections_per_server=sub.int("max_connections_per_server", d.max_connections_per_server, min=1),
         max_tools_per_page=sub.int("max_tools_per_page", d.max_tools_per_page, min=1),
+        header_timeout=sub.duration("header_timeout", d.header_timeout, min=0.001),
+        body_timeout=sub.duration("body_timeout", d.body_timeout, min=0.001),
+        pool_timeout=sub.duration("pool_timeout", d.pool_timeout, min=0.001),
     )
     sub.done()
     return limits
@@ -238,12 +246,39 @@ def _servers(r: Reader, public_url: str, limits: Limits, ctx: dict[str, Any]) ->
             connect_timeout=s.duration("connect_timeout", limits.connect_timeout, min=0.001),
             read_timeout=s.duration("read_timeout", limits.read_timeout, min=0.001),
             max_connections=s.int("max_connections", limits.max_connections_per_server, min=1),
+            pool_timeout=s.duration("pool_timeout", limits.pool_timeout, min=0.001),
+            forward_headers=_forward_headers(s),
         )
         s.done()
         servers[name] = server
     if not servers and sub.ok and "servers" in r.node:
         sub.error(None, "servers must name at least one MCP server")
     return servers
+
+
+# A header the gateway owns or checks can never be added to a server's forward list.
+_NOT_FORWARDABLE = frozenset({
+    "authorization", "cookie", "host", "content-length", "transfer-encoding", "connection", "upgrade",
+    "mcp-session-id", "last-event-id", "origin", "forwarded", "x-forwarded-for", "x-forwarded-host",
+    "x-forwarded-proto", "proxy-authorization", "te", "trailer", "keep-alive", "expect",
+    "content-encoding", "accept-encoding",
+})
+_TOKEN = re.compile(r"[!#$%&'*+.^`|~0-9A-Za-z-]{1,64}")
+
+
+def _forward_headers(s: Reader) -> frozenset[str]:
+    """``servers.<name>.forward_headers``: extra client headers this upstream may see."""
+    names = s.str_list("forward_headers")
+    out = set()
+    for name in names:
+        low = name.lower()
+        if not _TOKEN.fullmatch(name):
+            s.error("forward_headers", f"{name!r} is not a header name (letters, digits and -; no _)")
+        elif low in _NOT_FORWARDABLE or low.startswith("x-gateway-"):
+            s.error("forward_headers", f"{name!r} is owned or checked by the gateway and is never forwarded")
+        else:
+            out.add(low)
+    return frozenset(out)
 
 
 def parse_config(node: Any, path: str, problems: list[Problem], *, check_secrets: bool = True) -> Config | None:

@@ -27,6 +27,15 @@ _CORS_ALLOW_HEADERS = ("Authorization, Content-Type, Accept, Mcp-Session-Id, MCP
                        "Mcp-Method, Mcp-Name, Last-Event-ID")
 _CORS_EXPOSE_HEADERS = "Mcp-Session-Id, WWW-Authenticate, MCP-Protocol-Version"
 _CORS_MAX_AGE = "600"
+# Headers the gateway validates or owns: one copy only.  With two, the gateway would check
+# one and an upstream (or a proxy between) might act on the other.  (Authorization is
+# checked by authn, whose 400 carries the RFC 6750 challenge.)
+_SINGLETONS = frozenset({
+    b"mcp-name", b"mcp-method", b"mcp-protocol-version", b"mcp-session-id",
+    b"content-type", b"content-length", b"content-encoding", b"host", b"origin", b"last-event-id",
+    b"accept", b"x-forwarded-host", b"transfer-encoding",
+})
+_PARAM = b"mcp-param-"
 
 
 class Hygiene:
@@ -62,6 +71,7 @@ class Hygiene:
         if req.method not in ("POST", "GET", "DELETE"):
             raise MethodNotAllowed(f"{req.method} is not supported on an MCP endpoint",
                                    headers={"Allow": "GET, POST, DELETE, OPTIONS"})
+        check_header_names(req.raw_headers)
         origin = self._check_origin_host(req)
         if origin is not None:
             ex.response_headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
@@ -91,3 +101,27 @@ class Hygiene:
                 "Vary": "Origin",
             })
         return web.Response(status=204, headers=headers)
+
+
+def check_header_names(raw: "tuple[tuple[bytes, bytes], ...]") -> None:
+    """Refuse a repeated singleton header (in any letter case) and a ``_`` spelling of one.
+
+    One pass over the raw header lines, as received (``request.headers`` would
+    hide the repeats behind its first value).  A name with ``_`` whose ``-``
+    form is a header the gateway checks would be the one an upstream that folds
+    ``_`` into ``-`` acts on (Node, many WSGI servers): refused, never guessed at.
+    """
+    seen: set[bytes] = set()
+    for name, _ in raw:
+        n = name.lower()
+        if n in _SINGLETONS or n[:10] == _PARAM:
+            if n in seen:
+                raise BadRequest(f"header {name.decode('latin-1')[:64]} is repeated; send one",
+                                 reason="header_repeated")
+            seen.add(n)
+        elif b"_" in n:
+            folded = n.replace(b"_", b"-")
+            if folded in _SINGLETONS or folded[:10] == _PARAM or folded in (b"cookie", b"authorization") \
+                    or folded[:10] == b"x-gateway-" or folded[:11] == b"x-forwarded":
+                raise BadRequest(f"header {name.decode('latin-1')[:64]} is ambiguous: spell it with '-'",
+                                 reason="header_ambiguous")

@@ -7,6 +7,7 @@ here with 400 / -32020 before anything else looks at the message.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from typing import TYPE_CHECKING, Any, Awaitable
@@ -14,7 +15,9 @@ from typing import TYPE_CHECKING, Any, Awaitable
 from aiohttp import web
 
 from .. import codec
-from ..errors import BadRequest, BodyTooLarge, HeaderMismatch, ParseError, UnsupportedMediaType
+from ..errors import (
+    BadRequest, BodyTooLarge, HeaderMismatch, ParseError, RequestTimeout, UnsupportedMediaType,
+)
 from ..pipeline import MODERN
 
 if TYPE_CHECKING:
@@ -43,6 +46,7 @@ class Parse:
 
     def __init__(self, config: "Config") -> None:
         self._max = config.limits.max_body_bytes
+        self._body_timeout = config.limits.body_timeout
 
     async def on_request(self, ex: "Exchange") -> None:
         pending = self.check(ex)
@@ -63,9 +67,14 @@ class Parse:
             ex.era = MODERN
         if req.method != "POST":
             return None
-        ctype = headers.get("Content-Type", "")
-        if ctype[:16] != "application/json" and "json" not in ctype.split(";", 1)[0]:
-            raise UnsupportedMediaType("Content-Type must be application/json")
+        ctype = headers.get("Content-Type")
+        if ctype != "application/json" and codec.media_type(ctype)[0] != codec.JSON:
+            raise UnsupportedMediaType("Content-Type must be application/json (UTF-8)")
+        coding = headers.get("Content-Encoding")
+        if coding is not None and coding.strip().lower() != "identity":
+            # Decoding would mean inflating attacker bytes; no MCP SDK compresses requests.
+            raise UnsupportedMediaType("Content-Encoding is not accepted; send the body unencoded",
+                                       reason="unsupported_content_encoding")
         length = req.content_length
         if length is not None and length > self._max:
             raise BodyTooLarge(f"request body exceeds {self._max} bytes")
@@ -81,37 +90,32 @@ class Parse:
 
     async def _read(self, ex: "Exchange") -> None:
         try:
-            body = await ex.request.read()
+            body = await asyncio.wait_for(ex.request.read(), self._body_timeout)
         except web.HTTPRequestEntityTooLarge as exc:
             raise BodyTooLarge(f"request body exceeds {self._max} bytes") from exc
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {self._body_timeout:g} s",
+                                 headers={"Connection": "close"}) from None
         self._message(ex, ex.request.headers, body)
 
     def _message(self, ex: "Exchange", headers: Any, body: bytes) -> None:
         try:
-            msg, body = codec.loads(body)   # what is forwarded is what was parsed (codec.py)
+            # One strict codec (codec.py): what is forwarded is what was parsed and classified.
+            message = codec.decode(body)
         except codec.CodecError as exc:
+            if exc.reason == "batch":
+                raise BadRequest("JSON-RPC batches are not supported (removed in MCP 2025-06-18); "
+                                 "send one message per request", reason="batch_rejected") from None
+            if exc.reason == "invalid_envelope":
+                raise BadRequest(f"body must be a single JSON-RPC 2.0 message: {exc}",
+                                 reason="invalid_jsonrpc") from None
             raise ParseError(f"request body is not strict JSON ({exc.reason})") from None
-        ex.body = body
-        if isinstance(msg, list):
-            raise BadRequest("JSON-RPC batches are not supported (removed in MCP 2025-06-18); "
-                             "send one message per request", reason="batch_rejected")
-        if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
-            raise BadRequest("body must be a single JSON-RPC 2.0 message", reason="invalid_jsonrpc")
-        ex.message = msg
-        ex.rpc_id = rpc_id = msg.get("id")
-        method = msg.get("method")
-        if method is not None and not isinstance(method, str):
-            raise BadRequest("method must be a string", reason="invalid_jsonrpc")
-        if rpc_id is not None and not isinstance(rpc_id, (str, int)) or isinstance(rpc_id, bool):
-            raise BadRequest("id must be a string or an integer", reason="invalid_jsonrpc")
-        ex.method = method
-        ex.is_request = method is not None and "id" in msg
+        ex.body = message.raw
+        ex.message = msg = message.value
+        ex.rpc_id = msg.get("id")
+        ex.method = method = message.method
+        ex.is_request = message.kind is codec.REQUEST
         params = msg.get("params")
-        if params is not None and not isinstance(params, dict):
-            raise BadRequest("params must be an object", reason="invalid_jsonrpc")
-        if method is None and "result" not in msg and "error" not in msg:
-            raise BadRequest("message is neither a request, a notification nor a response",
-                             reason="invalid_jsonrpc")
         field = _NAME_PARAM.get(method) if method else None
         if field is not None and params is not None:
             target = params.get(field)
