@@ -36,6 +36,7 @@ from aiohttp import web
 
 from . import __version__
 from .admin import make_admin_app
+from .listener import GuardedAppRunner
 from .auth.challenge import www_authenticate
 from .auth.metadata import routes as auth_routes
 from .auth.upstream_creds import IDENTITY_HEADERS, make_credentials
@@ -228,8 +229,9 @@ async def serve(config: Config, *, reuse_port: bool = False, ready: asyncio.Even
         raise
     # handler_cancellation: a client disconnect must reach the upstream at once
     # (see Forwarder._client_gone), not at the next event the gateway writes.
-    public = web.AppRunner(make_public_app(gw), shutdown_timeout=config.shutdown_grace,
-                           access_log=None, handle_signals=False, handler_cancellation=True)
+    public = GuardedAppRunner(make_public_app(gw), shutdown_timeout=config.shutdown_grace,
+                              access_log=None, handle_signals=False, handler_cancellation=True,
+                              header_timeout=config.limits.header_timeout)
     admin = web.AppRunner(make_admin_app(gw.readiness), access_log=None, handle_signals=False)
     await public.setup()
     await admin.setup()
