@@ -78,7 +78,18 @@ async def outcome(stage: Authz, ex: Exchange) -> str:
     (READER, "resources/read", {"uri": "secret://x"}, "denied: Resource not found: secret://x"),
     (NOBODY, "prompts/get", {"name": "greet"}, "passed"),
     (NOBODY, "prompts/get", {"name": "other"}, "denied: Unknown prompt: other"),
-    (NOBODY, "completion/complete", {}, "passed"),
+    (NOBODY, "completion/complete", {"ref": {"type": "ref/prompt", "name": "greet"}}, "passed"),
+    # Completions of a prompt or resource the caller may not use would reveal it: refused as unknown.
+    (NOBODY, "completion/complete", {"ref": {"type": "ref/prompt", "name": "secret"}},
+     "denied: Unknown prompt: secret"),
+    (READER, "completion/complete", {"ref": {"type": "ref/resource", "uri": "docs://{path}"}}, "passed"),
+    (NOBODY, "completion/complete", {"ref": {"type": "ref/resource", "uri": "docs://{path}"}},
+     "denied: Resource not found: docs://{path}"),
+    (READER, "completion/complete", {"ref": {"type": "ref/resource", "uri": "secret://{x}"}},
+     "denied: Resource not found: secret://{x}"),
+    (READER, "completion/complete", {"ref": {"type": "ref/resource", "uri": "docs://a"}}, "passed"),
+    (READER, "completion/complete", {}, "denied: Invalid params: completion/complete needs a ref/prompt or "
+                                        "ref/resource"),
     (READER, "logging/setLevel", {"level": "debug"}, "denied: Method not found: logging/setLevel"),
     (READER, "tasks/list", {}, "denied: Method not found: tasks/list"),
 ])

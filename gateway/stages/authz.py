@@ -131,7 +131,30 @@ class Authz:
                 return self._refresh_then_decide(ex, policies, name, arguments)
             annotations = (tool.get("annotations") or {}) if tool is not None else UNKNOWN
         self._decide(ex, policies, kind, name, arguments, annotations)
+        if method == "completion/complete":
+            self._decide_ref(ex, policies)
         return None
+
+    def _decide_ref(self, ex: "Exchange", policies: PolicySet) -> None:
+        """``completion/complete`` completes arguments of a prompt or resource template: the
+        caller must be allowed that prompt or resource too, or the completions would reveal it.
+        A refused ref is answered exactly like an unknown one."""
+        params = ex.message.get("params") if isinstance(ex.message, dict) else None
+        ref = params.get("ref") if isinstance(params, dict) else None
+        kind = ref.get("type") if isinstance(ref, dict) else None
+        if kind == "ref/prompt" and isinstance(ref.get("name"), str):
+            d = decide(policies, ex.server.name, PROMPTS, ref["name"], ex.principal, ANY, UNKNOWN)
+            if not d.allowed:
+                raise PolicyDenied(_UNKNOWN[PROMPTS].format(ref["name"]))
+        elif kind == "ref/resource" and isinstance(ref.get("uri"), str):
+            uri = ref["uri"]
+            d = (decide_template(policies, ex.server.name, uri, ex.principal) if "{" in uri
+                 else decide(policies, ex.server.name, RESOURCES, uri, ex.principal, ANY, UNKNOWN))
+            if not d.allowed:
+                raise PolicyDenied(_UNKNOWN[RESOURCES].format(uri))
+        else:
+            raise PolicyDenied("Invalid params: completion/complete needs a ref/prompt or ref/resource",
+                               reason="invalid_params")
 
     async def _refresh_then_decide(self, ex: "Exchange", policies: PolicySet, name: str, arguments: Any) -> None:
         assert self.refresh is not None
