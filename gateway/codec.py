@@ -9,7 +9,8 @@ lenient than the gateway would act on something the gateway never checked:
 - Duplicate object keys refused (parsers disagree on which copy wins).
 - Non-finite numbers (``NaN``, ``Infinity``, ``1e400``) and integers that do
   not fit 64 bits refused (parsers disagree on what they become).
-- Nesting bounded (orjson's 1,024 levels; the stdlib fallback is guarded).
+- Nesting bounded: what orjson can serialise again (254 levels); real MCP
+  messages stay under ~20.
 - The envelope is exactly one of request, notification, result or error,
   with no other members.
 
@@ -109,7 +110,10 @@ def loads(raw: bytes | str) -> tuple[Any, bytes]:
         value = orjson.loads(raw)           # UTF-8, no BOM, no NaN, bounded depth
     except orjson.JSONDecodeError as exc:
         raise CodecError(f"invalid JSON: {exc.msg}", "invalid_json") from None
-    canonical = orjson.dumps(value)
+    try:
+        canonical = orjson.dumps(value)
+    except TypeError:                       # orjson serialises 254 levels at most
+        raise CodecError("JSON nested too deep", "too_deep") from None
     if canonical == raw:
         return value, raw                   # proven: no duplicate keys, nothing lossy
     # Whitespace, escapes or number spellings differ: re-check with the strict stdlib
@@ -182,6 +186,23 @@ def decode(raw: bytes | str) -> Message:
     """Strictly parse and classify one JSON-RPC message.  Raises ``CodecError``."""
     value, forward = loads(raw)
     return classify(value, forward)
+
+
+def deeper_than(value: Any, limit: int) -> bool:
+    """Does ``value`` nest objects/arrays more than ``limit`` levels?  Iterative: no recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def encode(value: Any) -> bytes:

@@ -290,3 +290,34 @@ async def test_an_event_id_not_minted_for_this_session_is_refused(
     assert body["error"]["data"]["reason"] == "event_id_invalid"
     assert not [m for m, h, _ in evil.requests if m == "GET"]      # nothing was replayed upstream
     gw.wait_for_log({"event": "security.event_id_refused"})
+
+
+@pytest.mark.parametrize("levels", [200, 900])
+async def test_a_deeply_nested_tool_is_held_or_refused_never_a_500(
+        levels: int, evil: EvilUpstream, gateway: Any, tmp_path: Path) -> None:
+    """Past the codec's bound the listing is refused (502); under it, schema walkers (fingerprint,
+    poisoning scan, the tofu document) never see a definition deeper than pinning's bound."""
+    deep: dict[str, Any] = {"type": "string"}
+    for _ in range(levels // 2):
+        deep = {"type": "object", "properties": {"x": deep}}
+    tools = [{"name": "safe_tool", "description": "Harmless.", "inputSchema": {"type": "object"}},
+             {"name": "safe_tool_deep", "description": "Deep.", "inputSchema": deep}]
+
+    async def listing(e: EvilUpstream, rid: Any, m: dict[str, Any]) -> bytes:
+        return http(200, json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools}}).encode())
+
+    evil.scripts["tools/list"] = listing
+    (tmp_path / "policies").mkdir(exist_ok=True)
+    (tmp_path / "policies" / "evil.yaml").write_text(POLICY.replace("match: safe_tool", "match: safe_tool*"))
+    gw = await gateway.astart({"servers": {"evil": {"url": evil.url, "pinning": {"mode": "tofu"}}},
+                               "policies": str(tmp_path / "policies")})
+    async with http_client() as client:
+        reply = await post(client, gw.url("evil"), rpc("tools/list", modern_params()),
+                           headers=modern_headers("tools/list"), version=MODERN_VERSION)
+    if levels > 254:
+        assert reply.status == 502 and reply.json["error"]["data"]["reason"] == "upstream_too_deep"
+    else:
+        assert reply.status == 200
+        assert [t["name"] for t in reply.messages[-1]["result"]["tools"]] == ["safe_tool"]
+        gw.wait_for_log({"event": "pins.tool_too_deep"})
+    assert not [line for line in gw.log_lines() if "RecursionError" in line or "Traceback" in line]

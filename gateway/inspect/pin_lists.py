@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import structlog
+
+from ..codec import deeper_than
 
 from ..errors import UpstreamInvalid
 from ..telemetry.metrics import BOUND, UPSTREAM_ERRORS
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
 
 MAX_OPEN_LISTINGS = 1024     # paginated listings in progress (keyed by their next cursor)
 PAGE_MEMO = 64               # judged pages remembered per server (tool sets change rarely)
+MAX_TOOL_DEPTH = 64          # nesting of one tool definition; real schemas stay under ~10 levels
+log = structlog.get_logger("gateway.pinning")
 VERDICT_MEMO = 16384
 
 
@@ -54,6 +59,16 @@ class Listing:
         self.names: set[str] = set()
         self.prints: dict[str, str] = {}
         self.version = version
+
+
+def too_deep(server: str, tool: Any) -> bool:
+    """A definition nested past ``MAX_TOOL_DEPTH``: walkers (fingerprint, scan, the tofu
+    document) would recurse that deep, so it is never relayed, pinned or walked."""
+    if not deeper_than(tool, MAX_TOOL_DEPTH):
+        return False
+    BOUND.get(UPSTREAM_ERRORS, server, "tool_too_deep").inc()
+    log.warning("pins.tool_too_deep", server=server, limit=MAX_TOOL_DEPTH)
+    return True
 
 
 class ListJudge:
@@ -114,6 +129,8 @@ class ListJudge:
         for i, tool in enumerate(tools):
             if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
                 continue   # malformed entries are dropped, never guessed at
+            if too_deep(st.name, tool):
+                continue
             entry = self.evaluate(st, tool, index)
             name = tool["name"]
             page.entries[name] = entry

@@ -35,7 +35,7 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..inspect.catalog import Entry, ToolCatalog
-from ..inspect.pin_lists import Listing, ListJudge
+from ..inspect.pin_lists import Listing, ListJudge, too_deep
 from ..inspect.pin_signals import Signals, record
 from ..inspect.pin_state import ServerPins
 from ..inspect.tool_fetch import FetchError, fetch_tools
@@ -159,7 +159,8 @@ class Pinning:
 
     async def _fetch_live(self, st: ServerPins, ex: "Exchange | None") -> list[dict[str, Any]]:
         try:
-            return await self._fetch(self._configs[st.name], ex)
+            tools = await self._fetch(self._configs[st.name], ex)
+            return [t for t in tools if not too_deep(st.name, t)]
         except FetchError as exc:
             err = {"upstream_timeout": UpstreamTimeout, "upstream_auth_refused": UpstreamAuthRefused,
                    "upstream_unavailable": UpstreamUnavailable}.get(exc.reason, UpstreamInvalid)
