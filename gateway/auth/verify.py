@@ -36,7 +36,7 @@ from .fetch import FetchError
 from .keys import KeySet
 
 # The signature may be empty so that alg "none" is refused by name, not as "malformed".
-_JWS_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_JWS_SHAPE = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]++\.[A-Za-z0-9_-]++\.[A-Za-z0-9_-]*+")   # possessive: linear
 _EMBEDDED_KEY_HEADERS = ("jwk", "jku", "x5u", "x5c")
 _ALGORITHMS = get_default_algorithms()
 _PRINTABLE = re.compile(r"[^A-Za-z0-9+/._:-]")

@@ -66,7 +66,9 @@ _INVISIBLE = re.compile(
 _STRIP = re.compile(_INVISIBLE.pattern[:-1] + _BIDI.pattern[1:-1] + _TAGS.pattern[1:])
 _ESC = re.compile("[\x1b\x9b]")
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f-\x9a\x9c-\x9f]")
-_PADDING = re.compile(r"\n[ \t]*(?:\n[ \t]*){10,}\S|[ \t]{60,}\S")
+# Each whitespace run is tried once, from its start (the look-behinds), and consumed
+# possessively: linear on any input (a plain \n[ \t]*(?:\n[ \t]*){10,}\S is quadratic).
+_PADDING = re.compile(r"(?<![\n \t])[ \t]*+\n[ \t]*+(?:\n[ \t]*+){10,}+\S|(?<![ \t])[ \t]{60,}+\S")
 _WORD = re.compile(r"\w+")
 
 

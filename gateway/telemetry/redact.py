@@ -23,17 +23,21 @@ _SAFE_KEYS = frozenset({
     "token_cache", "token_source", "secret_ref", "credential_kind",
 })
 
+# Linear on any text: every token pattern starts only where a token can start (the
+# look-behind), so a run like "eyJeyJeyJ…" is tried once, not once per position, and
+# quantifiers are possessive where what follows cannot be part of the run.
+_B = r"(?<![A-Za-z0-9_-])"
 _SECRET_VALUE = re.compile(
-    r"(?i)bearer\s+[A-Za-z0-9._~+/=-]{8,}"            # Authorization: Bearer …
-    r"|eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"  # JWT / JWS
-    r"|(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}"                # OpenAI/Stripe-style keys
-    r"|gh[pousr]_[A-Za-z0-9]{20,}"                     # GitHub tokens
-    r"|xox[abposr]-[A-Za-z0-9-]{10,}"                  # Slack tokens
-    r"|AKIA[0-9A-Z]{16}"                               # AWS access key ids
-    r"|AIza[0-9A-Za-z_-]{30,}"                         # Google API keys
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----"
-    r"|(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"                # user:password@ in URLs
-    r"|(?i:access_token|refresh_token|id_token|client_secret|api_key)=[^&\s]+"
+    r"(?i)(?<![a-z])bearer\s++[A-Za-z0-9._~+/=-]{8,}+"          # Authorization: Bearer …
+    r"|" + _B + r"eyJ[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]*+"   # JWT / JWS
+    r"|" + _B + r"(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}+"            # OpenAI/Stripe-style keys
+    r"|" + _B + r"gh[pousr]_[A-Za-z0-9]{20,}+"                 # GitHub tokens
+    r"|" + _B + r"xox[abposr]-[A-Za-z0-9-]{10,}+"              # Slack tokens
+    r"|" + _B + r"AKIA[0-9A-Z]{16}"                            # AWS access key ids
+    r"|" + _B + r"AIza[0-9A-Za-z_-]{30,}+"                     # Google API keys
+    r"|-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----"
+    r"|(?<=://)[^/\s:@]++:[^/\s@]++(?=@)"                     # user:password@ in URLs
+    r"|(?<![A-Za-z_])(?i:access_token|refresh_token|id_token|client_secret|api_key)=[^&\s]++"
 )
 
 
@@ -42,8 +46,15 @@ _SECRET_VALUE = re.compile(
 _MARKERS = ("=", "@", "k-", "eyJ", "earer", "EARER", "gh", "xox", "AKIA", "AIza", "PRIVATE")
 
 
+# Longer texts are cut before they are scanned (and logged): the scan is linear, but a
+# client-chosen megabyte would still cost ~0.3 s of event loop per log line.
+MAX_SCRUB_CHARS = 16384
+
+
 def scrub(text: str) -> str:
-    """Replace anything that looks like a credential inside ``text``."""
+    """Replace anything that looks like a credential inside ``text`` (cut to ``MAX_SCRUB_CHARS``)."""
+    if len(text) > MAX_SCRUB_CHARS:
+        text = f"{text[:MAX_SCRUB_CHARS]}…[{len(text) - MAX_SCRUB_CHARS} more characters not logged]"
     for marker in _MARKERS:
         if marker in text:
             return _SECRET_VALUE.sub(REDACTED, text)
@@ -77,7 +88,7 @@ def sensitive_key(key: str) -> bool:
     """Whether values under ``key`` are secrets; cached (keys come from a small set)."""
     verdict = _KEY_VERDICTS.get(key)
     if verdict is None:
-        verdict = key not in _SAFE_KEYS and bool(_SENSITIVE_KEY.search(key))
+        verdict = key not in _SAFE_KEYS and bool(_SENSITIVE_KEY.search(key[:128]))
         if len(_KEY_VERDICTS) < 4096:
             _KEY_VERDICTS[key] = verdict
     return verdict

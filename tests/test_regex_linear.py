@@ -1,0 +1,149 @@
+"""Every regular expression that can see attacker text runs in linear time on adversarial input.
+
+The patterns are collected, not listed: every compiled ``re.Pattern`` in a module
+of ``gateway/`` (so a new one is covered the day it is written) and every rule of
+the poisoning rule set.  Each is first searched over 16 KiB and 64 KiB adversarial
+strings built from its own literal fragments and the usual troublemakers (runs of
+one character class, near-misses repeated): a quadratic pattern shows as a 16x
+slowdown and fails fast, before the 1 MiB run could take minutes.  Then:
+
+- the module patterns (applied to log values, tokens, headers of any length) must
+  search 1 MiB in under 50 ms;
+- the poisoning rules are only ever applied to a definition's text up to the
+  scanner's ``oversized_definition`` cap (64 KiB; larger definitions are refused
+  unread), and must search that much in under 50 ms;
+- the entry points (log scrubbing, the poisoning scan) get 1 MiB and stay within
+  budget because of those caps.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+import time
+from typing import Any
+
+import pytest
+
+import gateway
+from gateway.inspect.poisoning import RuleSet
+from gateway.telemetry.redact import MAX_SCRUB_CHARS, redact_value, scrub
+
+MiB = 1024 * 1024
+BUDGET = 0.050
+GENERIC = ["a", "a ", " ", "\t", "\n", "\n \n", "0", "aA0-", "_", ".", "a.", "a:", "://a:", "=", "a=", "{", "{a",
+           "-", "%2", "&#", "<", "\\u00", "eyJ", "eyJa.", "sk-", "bearer ", "ghp_", "xoxb-", "AKIA", "AIza",
+           "ignore ", "ignore previous ", "<!-- ", "\u200b", "é"]
+
+
+def _patterns() -> list[tuple[str, re.Pattern[str]]]:
+    found: dict[tuple[str, int], tuple[str, re.Pattern[str]]] = {}
+    for info in pkgutil.walk_packages(gateway.__path__, "gateway."):
+        if info.name.endswith(("__main__", ".demo", ".demo_server")):
+            continue
+        module = importlib.import_module(info.name)
+        for attr, value in vars(module).items():
+            if isinstance(value, re.Pattern) and isinstance(value.pattern, str):
+                found[(value.pattern, value.flags)] = (f"{info.name}.{attr}", value)
+    return sorted(found.values(), key=lambda item: item[0])
+
+
+RULES = RuleSet.load()
+
+
+def _fragments(pattern: str) -> list[str]:
+    """Literal runs in the pattern source: what a crafted near-miss repeats."""
+    words = re.findall(r"[A-Za-z][A-Za-z _'-]{2,20}", pattern)
+    return sorted({w for w in words if "\\" not in w})[:12]
+
+
+def _inputs(pattern: str, size: int = MiB) -> list[str]:
+    seeds = GENERIC + _fragments(pattern) + [f + " " for f in _fragments(pattern)]
+    return [(seed * (size // len(seed) + 1))[:size] for seed in seeds]
+
+
+PATTERNS = _patterns()
+RULE_CAP = RULES.detectors["oversized_definition"].get("max_chars", 65536)
+
+
+def test_the_collection_found_the_patterns_it_should() -> None:
+    names = {name for name, _ in PATTERNS}
+    assert any("redact" in n for n in names) and any("poisoning" in n for n in names)
+    assert len(PATTERNS) >= 20 and len(RULES.rules) >= 15
+
+
+@pytest.mark.parametrize("index", range(len(RULES.rules)), ids=[r.id for r in RULES.rules])
+def test_each_poisoning_rule_as_the_scanner_applies_it_is_linear_and_within_budget(index: int) -> None:
+    """Rules run near their trigger words (``Rule.search`` with the scanner's plan), on at most
+    ``RULE_CAP`` characters: adversarial text is built from triggers and the rule's own words."""
+    rule = RULES.rules[index]
+    seeds = GENERIC + _fragments(rule.regex.pattern) + [f"{t} " for t in rule.triggers] + \
+        [f"{t} {f} " for t in rule.triggers[:4] for f in _fragments(rule.regex.pattern)[:4]]
+
+    def worst(size: int) -> tuple[float, str]:
+        out = (0.0, "")
+        for seed in seeds:
+            text = (seed * (size // len(seed) + 1))[:size]
+            lowered = text.lower()
+            started = time.perf_counter()
+            plan = RULES._plan(text, lowered)
+            if index in plan:
+                rule.search(text, lowered, plan[index])
+            out = max(out, (time.perf_counter() - started, seed))
+        return out
+
+    small, _ = worst(RULE_CAP // 4)
+    large, seed = worst(RULE_CAP)
+    assert large < max(small, 0.002) * 8, f"{rule.id}: superlinear ({small * 1000:.1f} -> {large * 1000:.1f} ms)"
+    assert large < BUDGET, f"{rule.id}: {large * 1000:.0f} ms on {RULE_CAP} chars of {seed!r}"
+
+
+def _applied_length(name: str) -> int:
+    """The longest text the gateway applies ``name`` to (capped before the regex runs)."""
+    if name.startswith("gateway.inspect.poisoning."):
+        return RULE_CAP                      # definitions past the cap are refused unread
+    if name == "gateway.telemetry.redact._SECRET_VALUE":
+        return MAX_SCRUB_CHARS + 64          # scrub() cuts longer texts first
+    if name == "gateway.telemetry.redact._SENSITIVE_KEY":
+        return 128                           # sensitive_key() looks at a key's first 128 characters
+    return MiB
+
+
+def _worst(pattern: re.Pattern[str], size: int) -> tuple[float, str]:
+    worst, worst_input = 0.0, ""
+    for text in _inputs(pattern.pattern, size):
+        started = time.perf_counter()
+        pattern.search(text)
+        elapsed = time.perf_counter() - started
+        if elapsed > worst:
+            worst, worst_input = elapsed, text[:24]
+    return worst, worst_input
+
+
+@pytest.mark.parametrize("name,pattern", PATTERNS, ids=[n for n, _ in PATTERNS])
+def test_each_pattern_is_linear_and_within_budget_at_the_length_it_is_applied_to(
+        name: str, pattern: re.Pattern[str]) -> None:
+    small, _ = _worst(pattern, 16 * 1024)
+    large, seed = _worst(pattern, 64 * 1024)
+    assert large < max(small, 0.002) * 8, f"{name}: {small * 1000:.1f} ms -> {large * 1000:.1f} ms ({seed!r}): superlinear"
+    size = _applied_length(name)
+    worst, seed = _worst(pattern, size)
+    assert worst < BUDGET, f"{name}: {worst * 1000:.0f} ms on {size} chars of {seed!r}…"
+
+
+@pytest.mark.parametrize("entry", ["scrub", "redact_value", "poisoning_scan"])
+def test_the_entry_points_that_apply_them_stay_within_budget(entry: str) -> None:
+    rules = RULES
+    apply: dict[str, Any] = {
+        "scrub": scrub,
+        "redact_value": lambda t: redact_value("detail", {"nested": [t]}),
+        "poisoning_scan": lambda t: rules.scan({"name": "t", "description": t, "inputSchema": {
+            "type": "object", "properties": {"p": {"type": "string", "description": t[:4096]}}}}),
+    }
+    worst = 0.0
+    for seed in GENERIC:
+        text = (seed * (MiB // len(seed) + 1))[:MiB]
+        started = time.perf_counter()
+        apply[entry](text)
+        worst = max(worst, time.perf_counter() - started)
+    assert worst < BUDGET * 4, f"{entry}: {worst * 1000:.0f} ms"
