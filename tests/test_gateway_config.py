@@ -193,3 +193,39 @@ def test_the_schema_rejects_unknown_keys_and_inline_secrets(validator: Any, edit
     assert validator.is_valid(config)
     edit(config)
     assert not validator.is_valid(config)
+
+
+SECRET_CONFIG = BASE.replace("    url: http://127.0.0.1:3001/mcp\n", """\
+    url: http://127.0.0.1:3001/mcp
+    credentials:
+      header: X-Api-Key
+      value: SECRET_REF
+""")
+
+
+@pytest.mark.parametrize("value,kind", [
+    ("token\n", "env"), ("token\r\n", "env"), (" token", "env"), ("", "env"),
+    ("to\nken", "file"), ("", "file"), ("\n", "file"),
+])
+def test_an_empty_or_newline_secret_is_refused_by_check_and_at_start(tmp_path: Path, value: str, kind: str) -> None:
+    """check and serve agree: a secret that could never be a header value stops the gateway before it
+    answers anything (it used to start, report ready, and fail every request with 500)."""
+    if kind == "env":
+        ref, env = "env:E2E_BAD_SECRET", {"E2E_BAD_SECRET": value}
+    else:
+        (tmp_path / "secret").write_text(value)
+        ref, env = f"file:{tmp_path / 'secret'}", {}
+    path = write(tmp_path, SECRET_CONFIG.replace("SECRET_REF", ref))
+    for command in ("check", "serve"):
+        result = run_cli(command, "-c", str(path), env=env, timeout=20)
+        assert result.returncode not in (0, None), (command, result.stderr)
+        located = [(int(m["line"]), int(m["col"])) for ln in result.stderr.splitlines() if (m := PROBLEM.match(ln))]
+        assert (11, 7) in located, (command, result.stderr)
+        assert value.strip() == "" or value.strip() not in result.stderr     # the value itself is never printed
+
+
+def test_a_file_secret_keeps_its_value_without_the_trailing_newline(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("good-token\n")
+    path = write(tmp_path, SECRET_CONFIG.replace("SECRET_REF", f"file:{tmp_path / 'secret'}"))
+    result = run_cli("check", "-c", str(path), timeout=20)
+    assert result.returncode == 0, result.stderr

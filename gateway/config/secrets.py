@@ -2,6 +2,9 @@
 
 ``env:NAME`` reads an environment variable, ``file:/path`` a file (trailing
 newline stripped).  A ``SecretRef`` prints as its reference, never its value.
+An empty secret, or one holding a line break or surrounding whitespace (an
+``env:`` value pasted with its newline), is refused by ``check`` and at start:
+it could never work as a header value, and would otherwise fail every request.
 """
 from __future__ import annotations
 
@@ -32,12 +35,20 @@ class SecretRef:
             value = os.environ.get(self.target)
             if value is None:
                 raise SecretUnavailable(f"environment variable {self.target} is not set")
-            return value
-        try:
-            with open(self.target, encoding="utf-8") as fh:
-                return fh.read().rstrip("\r\n")
-        except OSError as exc:
-            raise SecretUnavailable(f"cannot read {self.target}: {exc.strerror}") from exc
+            where = f"environment variable {self.target}"
+        else:
+            try:
+                with open(self.target, encoding="utf-8") as fh:
+                    value = fh.read().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SecretUnavailable(f"cannot read {self.target}: {getattr(exc, 'strerror', None) or exc}") from exc
+            where = f"file {self.target}"
+        if not value:
+            raise SecretUnavailable(f"{where} is empty")
+        if "\n" in value or "\r" in value or value != value.strip():
+            raise SecretUnavailable(f"{where} holds a line break or surrounding whitespace "
+                                    "(a newline pasted with the value?); remove it")
+        return value
 
     def check(self) -> str | None:
         """None when resolvable, else why not (used by ``mcp-gateway check``)."""
