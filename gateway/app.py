@@ -57,6 +57,7 @@ from .response import ResponsePath, error_body
 from .store.redis import make_store
 from .store.sessions import SessionStore
 from .telemetry import audit
+from .telemetry.client_address import ClientAddress
 from .telemetry import metrics
 from .telemetry.metrics import count_rejection
 from .upstream import Forwarder, Upstreams
@@ -106,6 +107,7 @@ class Gateway:
         # every exchange starts anonymous) is left out of the request path.
         self._checks = tuple(checker(stage) for stage in self.stages if not getattr(stage, "idle", False))
         self._audit = config.logging.audit
+        self._client = ClientAddress(config.http.trusted_proxies)
         self.shutting_down = False
         self.started_at = time.time()
 
@@ -156,7 +158,7 @@ class Gateway:
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         store_ok = await self.store.ping()
         ok = store_ok and not self.shutting_down
-        return ok, {"store": "ok" if store_ok else "unreachable", "config": self.config.path,
+        return ok, {"store": "ok" if store_ok else "unreachable",
                     "version": __version__, "shutting_down": self.shutting_down,
                     "auth": self.authn.status()}
 
@@ -166,6 +168,8 @@ class Gateway:
         server = self.config.servers.get(request.match_info["server"])
         if server is None:
             count_rejection("_unknown", UnknownMount.reason)
+            if self._audit:
+                audit.unknown_mount(request, UnknownMount.status, self._client.of(request))
             return self._error(None, UnknownMount("no MCP server is mounted at this path"))
         ex = Exchange(request, server)
         audit.start(ex)
@@ -184,7 +188,7 @@ class Gateway:
             if ex.finishers is not None:
                 for finish in ex.finishers:
                     finish(ex)
-            audit.finish(ex, self._audit)
+            audit.finish(ex, self._audit, self._client.of(ex.request) if self._audit else "")
 
     def _error(self, ex: Exchange | None, err: GatewayError) -> web.Response:
         headers = dict(_JSON)

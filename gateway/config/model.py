@@ -61,6 +61,7 @@ class HttpConfig:
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()     # besides the public_url host
     trust_forwarded_host: bool = False
+    trusted_proxies: tuple[Any, ...] = ()   # ip_network objects whose X-Forwarded-For is believed
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +203,15 @@ def _http(r: Reader) -> HttpConfig:
             sub.error("allowed_origins", "'*' is not accepted: list the origins browsers may call from")
     hosts = sub.str_list("allowed_hosts")
     trust = sub.bool("trust_forwarded_host", False)
+    proxies = []
+    for cidr in sub.str_list("trusted_proxies"):
+        try:
+            proxies.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            sub.error("trusted_proxies", f"{cidr!r} is not an IP address or CIDR block")
     sub.done()
-    return HttpConfig(tuple(o.rstrip("/") for o in origins), tuple(h.lower() for h in hosts), trust)
+    return HttpConfig(tuple(o.rstrip("/") for o in origins), tuple(h.lower() for h in hosts), trust,
+                      tuple(proxies))
 
 
 def _logging(r: Reader) -> LoggingConfig:

@@ -76,7 +76,7 @@ def start(ex: "Exchange") -> None:
     _INFLIGHT[key] = _INFLIGHT.get(key, 0) + 1
 
 
-def finish(ex: "Exchange", enabled: bool = True) -> None:
+def finish(ex: "Exchange", enabled: bool = True, client: str = "") -> None:
     elapsed = time.perf_counter() - ex.started
     server = ex.server.name
     # The metrics (tallies: telemetry.metrics), inlined: this runs for every request.
@@ -108,6 +108,7 @@ def finish(ex: "Exchange", enabled: bool = True) -> None:
         "status": ex.status,
         "outcome": ex.outcome,
         "era": ex.era,
+        "client_address": client,
         "principal": memo(name) or scrub_text(name),
         "issuer": p.issuer and (memo(p.issuer) or scrub_text(p.issuer)),            # "" when anonymous
         "client_id": p.client_id and (memo(p.client_id) or scrub_text(p.client_id)),
@@ -129,3 +130,12 @@ def finish(ex: "Exchange", enabled: bool = True) -> None:
         for key, value in ex.audit.items():
             fields[key] = redact_value(key, value)
     WRITER.write(orjson.dumps(fields, default=str))
+
+
+def unknown_mount(request: Any, status: int, client: str) -> None:
+    """The audit record of a request to a path where no server is mounted."""
+    WRITER.write(orjson.dumps({
+        "event": "mcp.request", "level": "warning", "ts": time.time_ns() // 1000 / 1e6, "server": "_unknown",
+        "http_method": request.method, "status": status, "outcome": "rejected", "reason": "unknown_server",
+        "client_address": client, "path": scrub_text(request.path[:256]),
+    }))
