@@ -137,6 +137,7 @@ def _gateway_config(work: Path, upstream: str, kind: str, issuer: LocalIssuer | 
         "admin": {"host": "127.0.0.1", "port": admin},
         "public_url": f"http://127.0.0.1:{port}",
         "store": "memory",
+        "shutdown_delay": 0,   # no load balancer to tell
         "auth": {"mode": "none"},
         "policies": str(POLICY),
         "pins": str(work / "pins"),

@@ -136,6 +136,7 @@ def gateway_config(ctx: Context, port: int, admin_port: int) -> dict[str, Any]:
         "admin": {"host": "127.0.0.1", "port": admin_port},
         "public_url": public_url,
         "store": "memory",
+        "shutdown_delay": 0,   # no load balancer to tell
         "auth": {"mode": "none"},
         "policies": str(POLICY),
         "pins": str(ctx.run_dir / "pins"),  # tool pins (lock files) stay inside the run

@@ -275,10 +275,15 @@ async def serve(config: Config, *, reuse_port: bool = False, ready: asyncio.Even
         if ready is not None:
             ready.set()
         await stop.wait()
+        # The order a rolling update needs: unready first, keep accepting while load
+        # balancers notice, then stop accepting and drain in-flight streams.
         gw.shutting_down = True
+        log.info("gateway.draining", delay_seconds=config.shutdown_delay, grace_seconds=config.shutdown_grace)
+        if config.shutdown_delay > 0:
+            await asyncio.sleep(config.shutdown_delay)
         log.info("gateway.stopping", grace_seconds=config.shutdown_grace)
     finally:
-        await public.cleanup()
+        await public.cleanup()          # stops accepting, then waits up to shutdown_grace for handlers
         await admin.cleanup()
         await gw.close()
         if flusher is not None:

@@ -154,6 +154,7 @@ async def _demo(port: int, admin_port: int, workdir: Path) -> int:
             "admin": {"host": "127.0.0.1", "port": admin_port},
             "public_url": public_url,
             "store": "memory",
+            "shutdown_delay": 0,   # no load balancer to tell
             "auth": {"issuers": [{"issuer": issuer.issuer, "jwks_uri": f"{issuer.issuer}/jwks"}]},
             "policies": str(policy),
             "pins": str(workdir / "pins"),

@@ -18,7 +18,7 @@ from tests.conftest import Factory
 from tests.support.components import Gateway, Upstream
 from tests.support.gw_helpers import (
     Event, Stack, child_pids, http_client, listener_pids, modern_headers, modern_params, next_event, peer_pid,
-    read_events, request, rpc, stack, start_gateway_argv, with_policy,  # noqa: F401  (fixture)
+    post, read_events, request, rpc, stack, start_gateway_argv, with_policy,  # noqa: F401  (fixture)
 )
 
 STEPS, INTERVAL_MS = 6, 150
@@ -69,6 +69,25 @@ async def test_sigterm_lets_the_stream_in_flight_finish_refuses_new_connections_
         list(range(1, STEPS + 1))
     assert messages[-1]["id"] == body["id"]
     assert messages[-1]["result"]["content"][0]["text"] == f"done after {STEPS} steps"
+    assert await asyncio.to_thread(gw.proc.popen.wait, 20) == 0
+
+
+async def test_sigterm_turns_readyz_unready_first_keeps_accepting_for_the_delay_then_stops(
+        http: Any, up: Upstream, gateway: Factory[Gateway], tmp_path: Path) -> None:
+    """The order a rolling update needs (#15): unready -> still serving for shutdown_delay -> closed."""
+    gw = await gateway.astart(with_policy({"servers": {"up": up}, "shutdown_delay": "2s"}, tmp_path))
+    port = gw.config["listen"]["port"]
+    os.kill(gw.proc.pid, signal.SIGTERM)
+    await asyncio.to_thread(gw.wait_for_log, {"event": "gateway.draining"})
+    ready = await request(http, "GET", gw.admin_url + "/readyz")
+    assert (ready.status, ready.json["shutting_down"]) == (503, True)
+    # Inside the delay a new connection is still accepted and served.
+    reply = await post(http, gw.url("up"), rpc("tools/list", modern_params()), modern_headers("tools/list"),
+                       version=None)
+    assert reply.status == 200
+    assert not any("gateway.stopping" in line for line in gw.log_lines())
+    await asyncio.to_thread(gw.wait_for_log, {"event": "gateway.stopping"}, 10.0)
+    await asyncio.to_thread(gw.proc.wait_until, refuses_connections(port), 10.0, "listener closed")
     assert await asyncio.to_thread(gw.proc.popen.wait, 20) == 0
 
 

@@ -105,6 +105,7 @@ class Config:
     policies: Any = None         # loaded policy set (gateway.policy)
     pinning_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    shutdown_delay: float = 5.0    # SIGTERM: /readyz unready, still accepting, for this long
 
 
 def is_loopback_host(host: str) -> bool:
@@ -309,6 +310,7 @@ def parse_config(node: Any, path: str, problems: list[Problem], *, check_secrets
     logging_cfg = _logging(r)
     auth = parse_auth(r, ctx, listen)
     shutdown_grace = r.duration("shutdown_grace", 30.0)
+    shutdown_delay = r.duration("shutdown_delay", 5.0, min=0.0)
     policies_path = r.str("policies")
     pins_dir = r.str("pins")
     servers = _servers(r, public_url, limits, ctx)
@@ -324,7 +326,7 @@ def parse_config(node: Any, path: str, problems: list[Problem], *, check_secrets
     return Config(
         path=path, listen=listen, admin=admin, public_url=public_url, public_host=public_host,
         store=store, auth=auth, http=http, limits=limits, logging=logging_cfg,
-        shutdown_grace=shutdown_grace, servers=servers, policies_path=policies_path,
+        shutdown_grace=shutdown_grace, shutdown_delay=shutdown_delay, servers=servers, policies_path=policies_path,
         pinning_dir=pins_dir if pins_dir is not None else _default_pins_dir(policies_path),
     )
 

@@ -254,6 +254,7 @@ def gateway_config(config: dict[str, Any], listen_port: int, admin_port: int) ->
     # Tests stop the gateway with SIGTERM while clients may still hold SSE streams open;
     # the production default (30 s) would outlast procs.DEFAULT_STOP_TIMEOUT and end in SIGKILL.
     cfg.setdefault("shutdown_grace", 1.0)
+    cfg.setdefault("shutdown_delay", 0)
     return cfg
 
 
