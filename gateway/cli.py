@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import gc
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,15 +84,36 @@ def _run_one(config: Any, reuse_port: bool) -> int:
     return 0
 
 
+def _metrics_dir(parent: str | None) -> str:
+    """A fresh directory for the workers' shared metric files (under ``parent`` when given:
+    with a read-only root filesystem, point it at a writable tmpfs)."""
+    return tempfile.mkdtemp(prefix="mcpgw-metrics-", dir=parent or None)
+
+
 def _run_workers(args: argparse.Namespace, n: int) -> int:
-    """N processes on one port (SO_REUSEPORT); metrics aggregated across them."""
+    """N processes on one port (SO_REUSEPORT); metrics aggregated across them.
+
+    The supervisor restarts a worker that dies (its live gauges are dropped with
+    ``mark_process_dead``, so a killed worker's in-flight count does not stick),
+    forwards SIGTERM/SIGINT/SIGHUP, and removes the metrics directory on exit.
+    """
+    from prometheus_client import multiprocess
+
     from .telemetry.logging import configure_logging
     import structlog
 
     configure_logging()
     log = structlog.get_logger("gateway.master")
+    parent = args.metrics_dir or os.environ.get("MCPGW_METRICS_DIR")
+    try:
+        metrics_dir = _metrics_dir(parent)
+    except OSError as exc:
+        log.error("gateway.start_failed", reason="metrics_dir_unwritable", directory=parent or tempfile.gettempdir(),
+                  detail=exc.strerror or str(exc),
+                  hint="--workers needs a writable directory for metric files: --metrics-dir DIR "
+                       "(or MCPGW_METRICS_DIR), e.g. a tmpfs under a read-only root")
+        return 2
     env = dict(os.environ)
-    metrics_dir = tempfile.mkdtemp(prefix="mcpgw-metrics-")
     env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     cmd = [sys.executable, "-m", "gateway", "serve", "-c", args.config, "--reuse-port"]
     children: list[subprocess.Popen[bytes]] = [subprocess.Popen(cmd, env=env) for _ in range(n)]
@@ -106,20 +128,25 @@ def _run_workers(args: argparse.Namespace, n: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    log.info("gateway.workers_started", workers=n, pids=[c.pid for c in children])
+    log.info("gateway.workers_started", workers=n, pids=[c.pid for c in children], metrics_dir=metrics_dir)
     status = 0
-    while children:
-        for i, child in enumerate(list(children)):
-            try:
-                code = child.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                continue
-            if stopping:
-                children.remove(child)
-                status = status or (code if code and code > 0 else 0)
-            else:
-                log.error("gateway.worker_died", pid=child.pid, code=code)
-                children[i] = subprocess.Popen(cmd, env=env)
+    try:
+        while children:
+            for i, child in enumerate(list(children)):
+                try:
+                    code = child.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    continue
+                multiprocess.mark_process_dead(child.pid, metrics_dir)
+                if stopping:
+                    children.remove(child)
+                    status = status or (code if code and code > 0 else 0)
+                else:
+                    log.error("gateway.worker_died", pid=child.pid, code=code)
+                    children[i] = subprocess.Popen(cmd, env=env)
+                    log.info("gateway.worker_restarted", pid=children[i].pid)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
 
 
@@ -158,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, help="gateway YAML file")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--metrics-dir", default=None,
+                   help="with --workers: where the shared metric files go (default: $MCPGW_METRICS_DIR, "
+                        "else the temporary directory); must be writable")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check", help="validate the config and everything it references")

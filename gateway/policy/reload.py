@@ -42,6 +42,7 @@ class PolicyHolder:
         self.generation = 1
         POLICY_GENERATION.set(1)
         POLICY_RULES.set(initial.rule_count)
+        POLICY_LAST_RELOAD.set(time.time())     # the initial load counts: 0 would read as "never"
 
     @property
     def current(self) -> PolicySet:
