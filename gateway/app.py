@@ -1,6 +1,6 @@
 """Builds the gateway and fixes the ONE order in which the stages run, both ways.
 
-Request:   hygiene -> authn -> parse -> session -> stream -> scopes -> authz -> pinning -> upstream
+Request:   hygiene -> authn -> parse -> session -> stream -> scopes -> authz -> pinning -> ratelimit -> upstream
 Head:      upstream status/headers -> session (map ids, DELETE) -> media type (response.py)
 Messages:  codec.decode -> stream (admit) -> pinning hook -> authz hook -> codec.encode -> client
 
@@ -18,6 +18,7 @@ Ordering constraints:
   it never reaches a hook, so no hook can be fed a message meant for another request.
 - scopes (mount-wide, from the auth config) before authz: the cheapest refusal
   first, and its 403 names the mount's scopes before any per-tool step-up.
+- ratelimit last: a call refused by policy or held by pinning never consumes quota.
 - authz before pinning: a refused tool must look like an unknown tool, so
   policy answers before pinning could reveal "held for review".  On the way
   back the order reverses, so pinning sees the upstream's whole tool list
@@ -51,6 +52,8 @@ from .stages.parse import Parse
 from .stages.pinning import make_pinning
 from .stages.scopes import Scopes
 from .pipeline import Exchange, checker
+from .ratelimit.limiter import make_limiter
+from .stages.ratelimit import RateLimit
 from .stages.session import Session
 from .stages.stream import EventIds, Stream
 from .response import ResponsePath, error_body
@@ -99,9 +102,12 @@ class Gateway:
         ]
         if (scopes := Scopes.make(config)) is not None:
             stages.append(scopes)                 # mount-wide scopes: cheapest refusal first
-        stages.append(make_authz(config, self.catalog, refresh=self.refresh_tools))
+        authz = make_authz(config, self.catalog, refresh=self.refresh_tools)
+        stages.append(authz)
         if pinning is not None:
             stages.append(pinning)
+        # Limits last: a refused or held call never consumes quota.
+        stages.append(RateLimit(authz.policies, make_limiter(config.store)))
         self.stages: tuple[Any, ...] = tuple(stages)
         # See pipeline.py; a stage that says it has nothing to do (authn with auth mode none:
         # every exchange starts anonymous) is left out of the request path.

@@ -85,11 +85,14 @@ def test_each_poisoning_rule_as_the_scanner_applies_it_is_linear_and_within_budg
         for seed in seeds:
             text = (seed * (size // len(seed) + 1))[:size]
             lowered = text.lower()
-            started = time.perf_counter()
-            plan = RULES._plan(text, lowered)
-            if index in plan:
-                rule.search(text, lowered, plan[index])
-            out = max(out, (time.perf_counter() - started, seed))
+            best = float("inf")
+            for _ in range(3):          # the best of three: other tests share the CPU
+                started = time.perf_counter()
+                plan = RULES._plan(text, lowered)
+                if index in plan:
+                    rule.search(text, lowered, plan[index])
+                best = min(best, time.perf_counter() - started)
+            out = max(out, (best, seed))
         return out
 
     small, _ = worst(RULE_CAP // 4)
@@ -112,9 +115,11 @@ def _applied_length(name: str) -> int:
 def _worst(pattern: re.Pattern[str], size: int) -> tuple[float, str]:
     worst, worst_input = 0.0, ""
     for text in _inputs(pattern.pattern, size):
-        started = time.perf_counter()
-        pattern.search(text)
-        elapsed = time.perf_counter() - started
+        elapsed = float("inf")
+        for _ in range(2 if size > 65536 else 3):      # the best of a few: other tests share the CPU
+            started = time.perf_counter()
+            pattern.search(text)
+            elapsed = min(elapsed, time.perf_counter() - started)
         if elapsed > worst:
             worst, worst_input = elapsed, text[:24]
     return worst, worst_input

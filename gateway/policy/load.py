@@ -79,6 +79,7 @@ def build(sources: Sources, known_servers: Iterable[str] | None) -> tuple[Policy
         if node is not None or not file_problems:
             parse_file(node, path, problems, drafts, known, order)
     rules_by_id = {}
+    limit_ids: dict = {}
     for draft in drafts.values():
         for kind in KINDS:
             for rule in draft.rules[kind]:
@@ -89,13 +90,20 @@ def build(sources: Sources, known_servers: Iterable[str] | None) -> tuple[Policy
                                                       "name rules by id"))
                 else:
                     rules_by_id[rule.id] = rule
+        for limit in draft.limits:
+            first = rules_by_id.get(limit.id) or limit_ids.get(limit.id)
+            if first is not None:
+                problems.append(Problem(limit.loc, f"duplicate id {limit.id!r} (first used at {first.loc})"))
+            else:
+                limit_ids[limit.id] = limit
     if problems:
         return None, problems
     servers = {}
     for name, d in drafts.items():
         rules = {k: tuple(d.rules[k]) for k in KINDS}
         servers[name] = ServerPolicy(name=name, loc=d.loc, default=d.default, destructive=d.destructive,
-                                     rules=rules, index={k: RuleIndex(v) for k, v in rules.items()})
+                                     rules=rules, index={k: RuleIndex(v) for k, v in rules.items()},
+                                     limits=d.limits)
     files = tuple(p for p, _ in sources.files)
     return PolicySet(servers=servers, files=files, digest=sources.digest, rules_by_id=rules_by_id), []
 

@@ -129,6 +129,7 @@ class ServerPolicy:
     destructive: Destructive = DESTRUCTIVE_DENY
     rules: Mapping[str, tuple[Rule, ...]] = field(default_factory=dict)
     index: Mapping[str, RuleIndex] = field(default_factory=dict)
+    limits: tuple[Any, ...] = ()                 # gateway.ratelimit.model.Limit, in file order
 
     def all_rules(self) -> tuple[Rule, ...]:
         return tuple(sorted((r for k in KINDS for r in self.rules.get(k, ())), key=lambda r: r.order))

@@ -41,7 +41,7 @@ _SCALAR = (str, int, float, bool)
 class ServerDraft:
     """A server's policy while files are being read (turned into ``ServerPolicy`` by ``build``)."""
 
-    __slots__ = ("name", "loc", "default", "destructive", "rules")
+    __slots__ = ("name", "loc", "default", "destructive", "rules", "limits")
 
     def __init__(self, name: str, loc: Loc) -> None:
         self.name = name
@@ -49,6 +49,7 @@ class ServerDraft:
         self.default = DENY
         self.destructive = Destructive("deny", (), None)
         self.rules: dict[str, list[Rule]] = {k: [] for k in KINDS}
+        self.limits: tuple = ()
 
 
 class Counter:
@@ -108,6 +109,8 @@ def _server(s: Reader, name: str, order: Counter) -> ServerDraft:
                          name, kind, order.next())
             if rule is not None:
                 draft.rules[kind].append(rule)
+    from ..ratelimit.model import parse_limits     # rate and concurrency limits (gateway/ratelimit)
+    draft.limits = parse_limits(s, name)
     s.done()
     return draft
 
@@ -141,8 +144,8 @@ def _rule(r: Reader, server: str, kind: str, order: int) -> Rule | None:
             destructive = _destructive(r, "destructive")
     if r.has("rate_limit"):
         r.raw("rate_limit")
-        r.error("rate_limit", "rate_limit is not part of the policy language yet (rate limits are "
-                              "configured separately)")
+        r.error("rate_limit", "rate limits are not written on a rule: add an entry to the server's "
+                              "`limits:` list (see docs/policy.md, Rate and concurrency limits)")
     if effect == DENY:
         if scopes.all_of or scopes.any_of:
             r.error("scopes", "a deny rule cannot require scopes: it applies by name, claims and "

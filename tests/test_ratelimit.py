@@ -1,0 +1,278 @@
+"""Rate and concurrency limits (#10): same semantics in memory and Redis, exact across replicas.
+
+Unit level, against a controlled clock: GCRA admits ``burst`` at once and then one
+call per ``per / limit``, refuses with the exact delay, charges all limits or none,
+and holds concurrency leases until released.  The same table runs on the memory
+limiter and on a real Redis (the script's clock overridden).  End to end: three
+gateway processes on one Redis admit exactly N calls of a limit across replicas
+(real SDK client, real upstream), a refusal is 429 with ``Retry-After`` and the
+``RateLimit*`` headers and a JSON-RPC error the SDK surfaces, concurrency caps hold
+across replicas, and a stopped Redis gives 503 (``closed``) or admits (``open``)
+without waiting past ``store.limit_timeout``, then recovers without a restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config.yamlloc import Loc
+from gateway.policy.glob import compile_glob
+from gateway.ratelimit.limiter import MemoryLimiter, RedisLimiter
+from gateway.ratelimit.model import Limit, Window
+from tests.support.clients import mcp_client, raises_mcp_error
+from tests.support.components import start_redis
+from tests.support.evil_upstream import EvilUpstream, http
+from tests.support.gw_helpers import MODERN_VERSION, http_client, modern_headers, modern_params, post, rpc
+
+LOC = Loc("t.yaml", 1, 1)
+
+
+def limit(lid: str = "l", *, limit: int = 5, per: float = 10.0, burst: int | None = None, cost: int = 1,
+          concurrency: int | None = None, windows: bool = True) -> Limit:
+    w = (Window(limit, per, burst or limit),) if windows else ()
+    return Limit(lid, "s", LOC, tools=(compile_glob("*"),), windows=w, cost=cost, concurrency=concurrency)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limiter(request: pytest.FixtureRequest, redis_url: str, redis_prefix: str) -> Any:
+    clock = Clock()
+    if request.param == "memory":
+        lim: Any = MemoryLimiter(clock)
+    else:
+        lim = RedisLimiter(redis_url, redis_prefix)
+        await lim.start()
+
+    async def check(checks: list[tuple[Limit, str]]) -> Any:
+        if isinstance(lim, RedisLimiter):
+            lim.now_override = clock.now
+            return await lim.check(checks)
+        return lim.check(checks)
+
+    lim.run = check
+    lim.clock = clock
+    yield lim
+    await lim.close()
+
+
+async def test_a_burst_then_one_call_per_interval(limiter: Any) -> None:
+    lim = limit(limit=5, per=10.0, burst=3)           # one every 2 s, 3 at once
+    verdicts = [await limiter.run([(lim, "k")]) for _ in range(4)]
+    assert [v.allowed for v in verdicts] == [True, True, True, False]
+    assert verdicts[-1].retry_after == pytest.approx(2.0, abs=1e-3)
+    limiter.clock.now += 1.999
+    assert not (await limiter.run([(lim, "k")])).allowed
+    limiter.clock.now += 0.002
+    assert (await limiter.run([(lim, "k")])).allowed
+    assert (await limiter.run([(lim, "other-key")])).allowed          # keys are independent
+
+
+async def test_over_any_interval_at_most_burst_plus_rate_times_interval(limiter: Any) -> None:
+    lim = limit(limit=10, per=1.0, burst=10)
+    admitted = 0
+    for _ in range(400):                    # 2 s of calls every 5 ms
+        admitted += (await limiter.run([(lim, "k")])).allowed
+        limiter.clock.now += 0.005
+    assert admitted == 10 + 19               # burst + floor(1.995 s x 10/s), exactly
+
+
+async def test_all_limits_are_charged_or_none(limiter: Any) -> None:
+    roomy, tight = limit("roomy", limit=100, per=10.0), limit("tight", limit=1, per=10.0)
+    assert (await limiter.run([(roomy, "k"), (tight, "k")])).allowed
+    refused = await limiter.run([(roomy, "k"), (tight, "k")])
+    assert not refused.allowed and refused.limit is tight
+    # The refused call did not consume the roomy limit: 99 more fit, not 98.
+    assert all([(await limiter.run([(roomy, "k")])).allowed for _ in range(99)])
+    assert not (await limiter.run([(roomy, "k")])).allowed
+
+
+async def test_cost_counts_several_calls(limiter: Any) -> None:
+    lim = limit(limit=10, per=10.0, cost=4)
+    assert [(await limiter.run([(lim, "k")])).allowed for _ in range(3)] == [True, True, False]
+
+
+async def test_concurrency_leases_hold_until_released(limiter: Any) -> None:
+    lim = limit(concurrency=2, windows=False)
+    first, second = await limiter.run([(lim, "k")]), await limiter.run([(lim, "k")])
+    assert first.allowed and second.allowed
+    assert not (await limiter.run([(lim, "k")])).allowed
+    limiter.release(first.leases)
+    if isinstance(limiter, RedisLimiter):
+        await asyncio.sleep(0)              # the release is sent as a task: let it run
+        for _ in range(100):
+            if (await limiter.run([(lim, "probe")])).allowed:
+                break
+    verdict = await limiter.run([(lim, "k")])
+    for _ in range(50):                     # Redis: the ZREM may still be in flight
+        if verdict.allowed:
+            break
+        await asyncio.sleep(0.01)
+        verdict = await limiter.run([(lim, "k")])
+    assert verdict.allowed
+
+
+async def test_a_dead_holders_lease_expires(limiter: Any) -> None:
+    lim = limit(concurrency=1, windows=False)
+    assert (await limiter.run([(lim, "k")])).allowed
+    assert not (await limiter.run([(lim, "k")])).allowed
+    limiter.clock.now += 601                 # past LEASE_SECONDS: the holder never released it
+    assert (await limiter.run([(lim, "k")])).allowed
+
+
+# -- end to end ----------------------------------------------------------------------------
+
+POLICY = """\
+servers:
+  up:
+    default: deny
+    tools:
+      - {id: up-all, match: "*", destructive: allow}
+    limits:
+      - id: five-a-minute
+        match: {tools: [limited]}
+        key: [principal]
+        windows: [{limit: 5, per: 60s}]
+      - id: one-at-a-time
+        match: {tools: [slow]}
+        key: [global]
+        concurrency: 1
+        on_store_error: OPEN_OR_CLOSED
+"""
+
+
+async def _upstream() -> EvilUpstream:
+    up = await EvilUpstream().start()
+    release = asyncio.Event()
+    up.release = release
+
+    async def call(e: EvilUpstream, rid: Any, msg: dict[str, Any]) -> bytes:
+        if msg["params"]["name"] == "slow":
+            await asyncio.wait_for(release.wait(), 20)
+        return http(200, json.dumps({"jsonrpc": "2.0", "id": rid, "result": {
+            "content": [{"type": "text", "text": "ok"}]}}).encode())
+
+    async def listing(e: EvilUpstream, rid: Any, msg: dict[str, Any]) -> bytes:
+        return http(200, json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"tools": [
+            {"name": n, "inputSchema": {"type": "object"}} for n in ("limited", "slow")]}}).encode())
+
+    up.scripts["tools/call"] = call
+    up.scripts["tools/list"] = listing
+    return up
+
+
+async def _gateways(gateway: Any, tmp_path: Path, up: EvilUpstream, store: Any, n: int, mode: str = "closed") -> list[Any]:
+    (tmp_path / "p").mkdir(exist_ok=True)
+    (tmp_path / "p" / "up.yaml").write_text(POLICY.replace("OPEN_OR_CLOSED", mode))
+    cfg = {"servers": {"up": {"url": up.url, "pinning": {"mode": "off"}}}, "policies": str(tmp_path / "p"),
+           "store": store}
+    return list(await asyncio.gather(*(gateway.astart(cfg) for _ in range(n))))
+
+
+async def _call(client: Any, gw: Any, tool: str) -> Any:
+    return await post(client, gw.url("up"), rpc("tools/call", modern_params({"name": tool, "arguments": {}})),
+                      headers=modern_headers("tools/call", tool), version=MODERN_VERSION)
+
+
+async def test_three_replicas_on_one_redis_admit_exactly_n(gateway: Any, tmp_path: Path, redis_url: str,
+                                                          redis_prefix: str) -> None:
+    up = await _upstream()
+    try:
+        gws = await _gateways(gateway, tmp_path, up, {"url": redis_url, "prefix": redis_prefix}, 3)
+        async with http_client() as client:
+            replies = await asyncio.gather(*(_call(client, gws[i % 3], "limited") for i in range(30)))
+        statuses = sorted(r.status for r in replies)
+        assert statuses.count(200) == 5 and statuses.count(429) == 25
+        calls = [b for m, _, b in up.requests if m == "POST" and b"tools/call" in b]
+        assert len(calls) == 5                              # a refused call never reaches the upstream
+        refused = next(r for r in replies if r.status == 429)
+        retry = int(refused.headers["Retry-After"])
+        assert 1 <= retry <= 60
+        assert refused.headers["RateLimit-Policy"] == '"five-a-minute";q=5;w=60'
+        assert refused.headers["RateLimit"] == f'"five-a-minute";r=0;t={retry}'
+        assert refused.json["error"]["code"] == -32004
+        assert refused.json["error"]["data"] == {"reason": "rate_limited", "limit": "five-a-minute",
+                                                 "retry_after": retry}
+        # The SDK client sees the JSON-RPC error too.
+        async with mcp_client(gws[0].url("up"), era="modern", timeout=10) as sdk:
+            with raises_mcp_error(-32004):
+                await sdk.call_tool("limited", {})
+    finally:
+        await up.stop()
+
+
+async def test_a_concurrency_cap_holds_across_replicas_and_frees_when_calls_end(
+        gateway: Any, tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    up = await _upstream()
+    try:
+        gws = await _gateways(gateway, tmp_path, up, {"url": redis_url, "prefix": redis_prefix}, 2)
+        async with http_client() as client:
+            holding = asyncio.ensure_future(_call(client, gws[0], "slow"))
+            for _ in range(200):                         # wait until the first call reached the upstream
+                if any(b"slow" in b for m, _, b in up.requests if m == "POST"):
+                    break
+                await asyncio.sleep(0.01)
+            second = await _call(client, gws[1], "slow")
+            assert second.status == 429 and second.json["error"]["data"]["limit"] == "one-at-a-time"
+            up.release.set()
+            assert (await holding).status == 200
+            for _ in range(100):                         # the lease is released as the exchange ends
+                third = await _call(client, gws[1], "slow")
+                if third.status == 200:
+                    break
+                await asyncio.sleep(0.02)
+            assert third.status == 200
+    finally:
+        await up.stop()
+
+
+@pytest.mark.parametrize("mode,expected", [("closed", 503), ("open", 200)])
+async def test_a_stopped_redis_fails_fast_per_mode_and_limiting_resumes_after_restart(
+        gateway: Any, tmp_path: Path, mode: str, expected: int) -> None:
+    redis = await asyncio.to_thread(start_redis, tmp_path / "redis")
+    up = await _upstream()
+    up.release.set()
+    try:
+        (gw,) = await _gateways(gateway, tmp_path, up, {"url": redis.url(0), "prefix": "rl:",
+                                                        "limit_timeout": "200ms"}, 1, mode)
+        async with http_client() as client:
+            assert (await _call(client, gw, "slow")).status == 200
+            port = redis.port
+            redis.stop()
+            started = time.monotonic()
+            replies = [await _call(client, gw, "slow") for _ in range(5)]
+            assert all(r.status == expected for r in replies), [r.status for r in replies]
+            assert time.monotonic() - started < 5 * 0.2 + 1.0       # fail fast: no request waits past the timeout
+            if expected == 503:
+                assert replies[0].json["error"]["data"]["reason"] == "limit_store_unavailable"
+            gw.wait_for_log({"event": "ratelimit.store_error"})
+            redis = await asyncio.to_thread(_restart_redis, tmp_path / "redis2", port)
+            gw.wait_for_log({"event": "ratelimit.store_recovered"}, timeout=15)
+            assert (await _call(client, gw, "slow")).status == 200
+    finally:
+        redis.stop()
+        await up.stop()
+
+
+def _restart_redis(workdir: Path, port: int) -> Any:
+    """A redis-server on the same port as the one that was stopped."""
+    import shutil
+    from tests.support.components import RedisServer
+    from tests.support.procs import start as start_proc
+    workdir.mkdir(parents=True, exist_ok=True)
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    proc, _ = start_proc([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                          "--dir", str(workdir)], name=f"redis-again-{port}", log_path=workdir / "redis.log",
+                         ready_line=r"[Rr]eady to accept connections", ready_timeout=15)
+    return RedisServer("127.0.0.1", port, proc)
