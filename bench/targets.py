@@ -212,6 +212,29 @@ def _jwt_unavailable(ctx: Context) -> str | None:
     return "the gateway's config has no auth.issuers yet"
 
 
+LIMITS = """
+    limits:                 # three limits on every call, high enough never to refuse
+      - {id: bench-per-principal, match: {tools: ["*"]}, key: [principal], windows: [{limit: 100000000, per: 1s}]}
+      - {id: bench-per-tool, match: {tools: ["*"]}, key: [tool], windows: [{limit: 100000000, per: 1s}]}
+      - {id: bench-global, match: {methods: ["**"], tools: ["*"]}, key: [global],
+         windows: [{limit: 100000000, per: 1s}, {limit: 1000000000, per: 1m}]}
+"""
+
+
+async def _jwt_redis_config(ctx: Context, public_url: str) -> dict[str, Any]:
+    return {**await _jwt_config(ctx, public_url), **await _redis_config(ctx, public_url)}
+
+
+async def _jwt_redis_limits_config(ctx: Context, public_url: str) -> dict[str, Any]:
+    policy = ctx.run_dir / "policy-limits.yaml"
+    policy.write_text(POLICY.read_text().replace("    default: deny\n", "    default: deny\n" + LIMITS.lstrip("\n"), 1))
+    return {**await _jwt_redis_config(ctx, public_url), "policies": str(policy)}
+
+
+def _jwt_redis_unavailable(ctx: Context) -> str | None:
+    return _jwt_unavailable(ctx) or _redis_unavailable(ctx)
+
+
 GATEWAY_VARIANTS = [
     gateway_target("gateway", "the gateway, auth off, memory store"),
     gateway_target("gateway-jwt", "the gateway verifying an RS256 JWT from a local issuer",
@@ -221,6 +244,10 @@ GATEWAY_VARIANTS = [
     # Sessions must be shared between workers, hence Redis.
     gateway_target("gateway-2w", "the gateway, 2 SO_REUSEPORT workers, Redis store",
                    config=_redis_config, workers=2, unavailable=_redis_unavailable),
+    gateway_target("gateway-jwt-redis", "JWT, policy, pinning, Redis store (no limits)",
+                   config=_jwt_redis_config, headers=_jwt_headers, unavailable=_jwt_redis_unavailable),
+    gateway_target("gateway-jwt-redis-limits", "the same plus three rate limits on every call, in Redis",
+                   config=_jwt_redis_limits_config, headers=_jwt_headers, unavailable=_jwt_redis_unavailable),
 ]
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
