@@ -50,6 +50,17 @@ def explain(policies: PolicySet, server: str, kind: str, name: str, principal: A
                 outcome, detail = step.outcome, step.detail
             lines.append(f"  {rule.effect:5} {rule.id:32} {outcome:11} [{rule.loc.file}:{rule.loc.line}]"
                          + (f" {detail}" if detail else ""))
+        method = "tools/call" if kind == TOOLS else None
+        limits = [lim for lim in sp.limits if lim.applies(method or (name if kind == "methods" else None),
+                                                           name if kind == TOOLS else None)]
+        if limits:
+            lines.append("limits (checked after the decision, all charged or none):")
+        for lim in limits:
+            quota = ", ".join(f"{w.limit}/{w.per:g}s burst {w.burst}" for w in lim.windows)
+            if lim.concurrency is not None:
+                quota = ", ".join(filter(None, [quota, f"{lim.concurrency} in flight"]))
+            lines.append(f"  limit {lim.id:32} key={'+'.join(lim.key)} {quota} cost {lim.cost} "
+                         f"on_store_error={lim.on_store_error} [{lim.loc.file}:{lim.loc.line}]")
     verdict = f"decision:  {d.effect} ({d.reason})"
     if d.rules:
         verdict += f" by rule {d.rules[0]}"

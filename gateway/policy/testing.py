@@ -29,7 +29,7 @@ from ..config.yamlloc import LDict, LList, Loc, load_file
 from ..errors import Problem
 from ..pipeline import ANONYMOUS, Principal
 from .decide import ALLOWED, ANY, DENIED, REASONS, STEP_UP, UNKNOWN, Decision, decide
-from .model import METHODS, PROMPTS, RESOURCES, TOOLS, PolicySet, plain
+from .model import METHODS, PROMPTS, RESOURCES, TOOLS, WILDCARD, PolicySet, plain
 
 DEFAULT_ISSUER = "https://issuer.policy-test"
 _TARGETS = {"tool": TOOLS, "resource": RESOURCES, "prompt": PROMPTS, "method": METHODS}
@@ -195,8 +195,53 @@ def _expect(r: Reader, listing: bool) -> dict[str, Any] | None:
             out["reason"] = e.str("reason", choices=sorted(REASONS))
         if e.has("scopes"):
             out["scopes"] = list(e.str_list("scopes"))
+        if e.has("limits"):
+            out["limits"] = _expected_limits(e)
     e.done()
     return out
+
+
+def _expected_limits(e: Reader) -> list[dict[str, Any]]:
+    """``expect.limits``: the limits that apply to the call, each ``{id[, key, limit, per, burst,
+    concurrency]}`` (fields given are compared with the limit's; the first window's quota)."""
+    out = []
+    items = e.list("limits")
+    for i, node in enumerate(items):
+        r = Reader(node, e.problems, f"{e.path}.limits[{i}]", items.at(i))
+        want: dict[str, Any] = {"id": r.str("id", required=True)}
+        if r.has("key"):
+            want["key"] = list(r.str_list("key"))
+        for field in ("limit", "burst", "concurrency"):
+            if r.has(field):
+                want[field] = r.int(field)
+        if r.has("per"):
+            want["per"] = r.duration("per", 0.0)
+        r.done()
+        out.append(want)
+    return out
+
+
+def _limit_failures(policies: PolicySet, case: "Case") -> list[str]:
+    sp = policies.servers.get(case.server) or policies.servers.get(WILDCARD)
+    method = "tools/call" if case.kind == TOOLS else (case.target if case.kind == "methods" else None)
+    tool = case.target if case.kind == TOOLS else None
+    applying = {lim.id: lim for lim in (sp.limits if sp is not None else ()) if lim.applies(method, tool)}
+    want = case.expect["limits"]
+    failures = []
+    if sorted(applying) != sorted(w["id"] for w in want):
+        failures.append(f"limits: expected {sorted(w['id'] for w in want)}, got {sorted(applying)}")
+    for w in want:
+        lim = applying.get(w["id"])
+        if lim is None:
+            continue
+        window = lim.windows[0] if lim.windows else None
+        got = {"key": list(lim.key), "concurrency": lim.concurrency,
+               "limit": window.limit if window else None, "per": window.per if window else None,
+               "burst": window.burst if window else None}
+        for field, value in w.items():
+            if field != "id" and got[field] != value:
+                failures.append(f"limit {w['id']} {field}: expected {value!r}, got {got[field]!r}")
+    return failures
 
 
 def _check(case: Case, d: Decision) -> list[str]:
@@ -224,6 +269,8 @@ def run_case(policies: PolicySet, case: Case, catalogs: dict[str, list[dict[str,
                                                                        f"got {sorted(visible)}",))
     d = decide(policies, case.server, case.kind, case.target, case.principal, case.arguments, case.annotations)
     failures = _check(case, d)
+    if "limits" in case.expect:
+        failures += _limit_failures(policies, case)
     got = f"{d.effect} ({d.reason}{', rule ' + d.rules[0] if d.rules else ''})"
     return Outcome(case, not failures, got, tuple(failures))
 

@@ -28,7 +28,8 @@ import structlog
 from .model import Limit, Window
 
 log = structlog.get_logger("gateway.ratelimit")
-LEASE_SECONDS = 600.0      # a concurrency slot held longer than this is freed (a dead replica's)
+LEASE_SECONDS = 600.0
+_MAX_INFLIGHT = 1          # script calls out at once per replica; the rest batch behind them      # a concurrency slot held longer than this is freed (a dead replica's)
 
 
 class LimitStoreError(Exception):
@@ -182,6 +183,8 @@ class RedisLimiter:
         self._sha: str | None = None
         self._pending: list[tuple[list[Check], asyncio.Future[Verdict]]] = []
         self._scheduled = False
+        self._inflight = 0
+        self._templates: dict[tuple[Limit, str], list[tuple[str, str, tuple[int, ...], Window | None]]] = {}
         self._down_until = 0.0
         self._probe: asyncio.Task[None] | None = None
         self.now_override: float | None = None    # tests: a controlled clock (seconds)
@@ -209,18 +212,34 @@ class RedisLimiter:
             fut.set_exception(LimitStoreError("limit store unavailable (circuit open)"))
             return fut
         self._pending.append((checks, fut))
-        if not self._scheduled:
+        if not self._scheduled and self._inflight < _MAX_INFLIGHT:
             self._scheduled = True
             loop.call_soon(self._flush)
         return fut
 
     def _flush(self) -> None:
+        """Send what is pending as one script call.  While ``_MAX_INFLIGHT`` calls are out,
+        requests accumulate and go together when one returns: under load a call carries
+        many requests (one round trip for all), when idle each goes at once."""
         self._scheduled = False
         batch, self._pending = self._pending, []
         if batch:
+            self._inflight += 1
             asyncio.get_running_loop().create_task(self._run(batch))
 
+    def _done(self) -> None:
+        self._inflight -= 1
+        if self._pending and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     async def _run(self, batch: list[tuple[list[Check], "asyncio.Future[Verdict]"]]) -> None:
+        try:
+            await self._run_batch(batch)
+        finally:
+            self._done()
+
+    async def _run_batch(self, batch: list[tuple[list[Check], "asyncio.Future[Verdict]"]]) -> None:
         keys: dict[str, int] = {}
         now = "" if self.now_override is None else str(int(self.now_override * 1_000_000))
         args: list[Any] = [now, LEASE_SECONDS]
@@ -229,20 +248,20 @@ class RedisLimiter:
             plan: list[tuple[Limit, Window | None, str, str | None]] = []
             items: list[Any] = []
             for limit, key in checks:
-                for i, w in enumerate(limit.windows):
-                    k = f"{self._tag}:{limit.id}:{i}:{key}"
-                    items += ["r", keys.setdefault(k, len(keys) + 1), int(w.interval * 1e6),
-                              int(w.tolerance * 1e6), limit.cost]
-                    plan.append((limit, w, k, None))
-                if limit.concurrency is not None:
-                    k = f"{self._tag}:{limit.id}:c:{key}"
-                    lease = secrets.token_hex(8)
-                    items += ["c", keys.setdefault(k, len(keys) + 1), limit.concurrency, lease]
-                    plan.append((limit, None, k, lease))
-            args += [len(plan), *items]
+                for kind, k, params, w in self._template(limit, key):
+                    if kind == "r":
+                        items += ["r", keys.setdefault(k, len(keys) + 1), *params]
+                        plan.append((limit, w, k, None))
+                    else:
+                        lease = secrets.token_hex(8)
+                        items += ["c", keys.setdefault(k, len(keys) + 1), params[0], lease]
+                        plan.append((limit, None, k, lease))
+            args.append(len(plan))
+            args += items
             plans.append(plan)
         try:
-            results = await asyncio.wait_for(self._eval(list(keys), args), self._timeout)
+            # The client's socket timeout (``timeout``) bounds the wait: no wait_for task per call.
+            results = await self._eval(list(keys), args)
         except Exception as exc:      # redis errors, timeouts, a closed connection: all the same here
             self._trip(exc)
             for _, fut in batch:
@@ -259,6 +278,22 @@ class RedisLimiter:
                 limit, w, _, _ = plan[int(failed) - 1]
                 verdict = Verdict(False, limit, int(retry_us) / 1e6, 0, w)
             fut.set_result(verdict)
+
+    def _template(self, limit: Limit, key: str) -> list[tuple[str, str, tuple[int, ...], Window | None]]:
+        """The Redis keys and script arguments of one limit for one key value (memoised: the
+        same callers and limits repeat)."""
+        memo_key = (limit, key)
+        found = self._templates.get(memo_key)
+        if found is None:
+            found = [("r", f"{self._tag}:{limit.id}:{i}:{key}",
+                      (int(w.interval * 1e6), int(w.tolerance * 1e6), limit.cost), w)
+                     for i, w in enumerate(limit.windows)]
+            if limit.concurrency is not None:
+                found.append(("c", f"{self._tag}:{limit.id}:c:{key}", (limit.concurrency,), None))
+            if len(self._templates) >= 65536:
+                self._templates.clear()
+            self._templates[memo_key] = found
+        return found
 
     async def _eval(self, keys: list[str], args: list[Any]) -> Any:
         from redis.exceptions import NoScriptError

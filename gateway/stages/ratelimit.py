@@ -141,5 +141,15 @@ def _key(limit: Limit, ex: "Exchange") -> str:
             parts.append("*")
         else:                                   # claim:<name>
             parts.append(str(p.claims.get(part[6:], "")))
-    # Hashed: bounded length whatever a token or client put in a claim.
-    return hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    # Hashed: bounded length whatever a token or client put in a claim (memoised: callers repeat).
+    raw = "\x1f".join(parts)
+    digest = _HASHES.get(raw)
+    if digest is None:
+        digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        if len(_HASHES) >= 65536:
+            _HASHES.clear()
+        _HASHES[raw] = digest
+    return digest
+
+
+_HASHES: dict[str, str] = {}
