@@ -134,3 +134,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for proc in item.stash.get(_PROCS_KEY, []):
             report.sections.append((f"log of {proc.name} (pid {proc.pid}, {proc.log_path})", proc.tail(60)))
     return report
+
+
+@pytest.fixture
+async def evil() -> Any:
+    """A socket-level MCP upstream whose answers the test scripts (tests/support/evil_upstream.py)."""
+    from tests.support.evil_upstream import EvilUpstream
+
+    up = await EvilUpstream().start()
+    try:
+        yield up
+    finally:
+        await up.stop()

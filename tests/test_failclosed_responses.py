@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +94,6 @@ def _script(name: str) -> Any:
     return script
 
 
-@pytest.fixture
-async def evil() -> AsyncIterator[EvilUpstream]:
-    up = await EvilUpstream().start()
-    try:
-        yield up
-    finally:
-        await up.stop()
 
 
 def gateway_for(gateway: Any, evil: EvilUpstream, tmp_path: Path) -> Any:

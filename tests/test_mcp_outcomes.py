@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,6 @@ def rpc_failed(rid: Any) -> bytes:
     return json.dumps({"jsonrpc": "2.0", "id": rid, "error": {"code": -32602, "message": "bad params"}}).encode()
 
 
-@pytest.fixture
-async def up() -> AsyncIterator[EvilUpstream]:
-    evil = await EvilUpstream().start()
-    try:
-        yield evil
-    finally:
-        await evil.stop()
 
 
 def scrape(gw: Any) -> str:
@@ -44,14 +36,14 @@ def scrape(gw: Any) -> str:
 @pytest.mark.parametrize("framing", ["json", "sse"])
 @pytest.mark.parametrize("answer,kind", [(tool_failed, "tool_error"), (rpc_failed, "rpc_error")])
 async def test_a_failure_inside_a_200_is_audited_and_counted_with_its_mcp_outcome(
-        framing: str, answer: Any, kind: str, up: EvilUpstream, gateway: Any, tmp_path: Path) -> None:
+        framing: str, answer: Any, kind: str, evil: EvilUpstream, gateway: Any, tmp_path: Path) -> None:
     async def script(evil: EvilUpstream, rid: Any, msg: dict[str, Any]) -> bytes:
         if framing == "json":
             return http(200, answer(rid))
         return sse_head() + b"data: " + answer(rid) + b"\n\n"
 
-    up.scripts["tools/call"] = script
-    gw = await gateway.astart({"servers": {"up": {"url": up.url, "pinning": {"mode": "off"}}},
+    evil.scripts["tools/call"] = script
+    gw = await gateway.astart({"servers": {"up": {"url": evil.url, "pinning": {"mode": "off"}}},
                                "policies": allow_all(tmp_path)})
     async with http_client() as client:
         reply = await post(client, gw.url("up"), rpc("tools/call", modern_params({"name": "write", "arguments": {}})),
@@ -63,12 +55,12 @@ async def test_a_failure_inside_a_200_is_audited_and_counted_with_its_mcp_outcom
     assert line in scrape(gw)
 
 
-async def test_a_successful_call_stays_ok(up: EvilUpstream, gateway: Any, tmp_path: Path) -> None:
+async def test_a_successful_call_stays_ok(evil: EvilUpstream, gateway: Any, tmp_path: Path) -> None:
     async def ok(evil: EvilUpstream, rid: Any, msg: dict[str, Any]) -> bytes:
         return http(200, json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"content": []}}).encode())
 
-    up.scripts["tools/call"] = ok
-    gw = await gateway.astart({"servers": {"up": {"url": up.url, "pinning": {"mode": "off"}}},
+    evil.scripts["tools/call"] = ok
+    gw = await gateway.astart({"servers": {"up": {"url": evil.url, "pinning": {"mode": "off"}}},
                                "policies": allow_all(tmp_path)})
     async with http_client() as client:
         await post(client, gw.url("up"), rpc("tools/call", modern_params({"name": "x", "arguments": {}})),

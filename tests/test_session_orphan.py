@@ -8,7 +8,6 @@ upstream session with a ``DELETE`` carrying the upstream's id.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +18,13 @@ from tests.support.evil_upstream import EvilUpstream
 from tests.support.gw_helpers import LEGACY_VERSION, allow_all, http_client, post, rpc
 
 
-@pytest.fixture
-async def up() -> AsyncIterator[EvilUpstream]:
-    evil = await EvilUpstream().start()
-    try:
-        yield evil
-    finally:
-        await evil.stop()
 
 
 async def test_a_session_whose_mapping_cannot_be_stored_is_ended_upstream(
-        up: EvilUpstream, gateway: Any, tmp_path: Path) -> None:
+        evil: EvilUpstream, gateway: Any, tmp_path: Path) -> None:
     redis = await asyncio.to_thread(start_redis, tmp_path / "redis")
     try:
-        gw = await gateway.astart({"servers": {"up": {"url": up.url, "pinning": {"mode": "off"}}},
+        gw = await gateway.astart({"servers": {"up": {"url": evil.url, "pinning": {"mode": "off"}}},
                                    "policies": allow_all(tmp_path),
                                    "store": {"url": redis.url(0), "prefix": "orphan:"}})
         redis.stop()                          # the store is gone after the gateway started
@@ -45,6 +37,6 @@ async def test_a_session_whose_mapping_cannot_be_stored_is_ended_upstream(
     assert reply.status == 503
     assert reply.json["error"]["data"]["reason"] == "store_unavailable"
     assert "Mcp-Session-Id" not in reply.headers
-    deletes = [h for m, h, _ in up.requests if m == "DELETE"]
+    deletes = [h for m, h, _ in evil.requests if m == "DELETE"]
     assert [h.get("mcp-session-id") for h in deletes] == ["evil-session-1"]
     gw.wait_for_log({"event": "session.upstream_terminated", "server": "up"})
