@@ -73,7 +73,7 @@ def test_a_killed_worker_is_replaced_and_its_gauges_and_metric_files_do_not_stic
         # A slow call held by one worker, then that worker is killed.
         conn = HTTPConnection("127.0.0.1", port, timeout=30)
         conn.connect()
-        victim = peer_pid(port, conn.sock.getsockname()[1], workers)
+        victim = wait_for(lambda: peer_pid(port, conn.sock.getsockname()[1], workers), 5, "the accepting worker")
         params = modern_params({"name": "slow_progress", "arguments": {"steps": 50, "interval_ms": 100}})
         conn.request("POST", "/mcp/up", body=json.dumps(rpc("tools/call", params)),
                      headers={**modern_headers("tools/call", "slow_progress"), "Content-Type": "application/json",

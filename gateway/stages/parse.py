@@ -135,10 +135,12 @@ class Parse:
                 raise HeaderMismatch("Mcp-Method header is required", reason="header_missing")
             if method in _NAME_PARAM and hdr_name is None:
                 raise HeaderMismatch("Mcp-Name header is required", reason="header_missing")
-            meta = params.get("_meta") if isinstance(params, dict) else None
-            if isinstance(meta, dict) and _PV_META in meta and meta[_PV_META] != ex.protocol_version:
-                raise HeaderMismatch("MCP-Protocol-Version header does not match the body",
-                                     reason="header_mismatch")
+        # Whatever the era the header selects, a body that names its version must agree with it:
+        # otherwise the gateway would handle one era and the upstream read the other.
+        meta = params.get("_meta") if isinstance(params, dict) else None
+        if isinstance(meta, dict) and _PV_META in meta and meta[_PV_META] != ex.protocol_version:
+            raise HeaderMismatch("MCP-Protocol-Version header does not match the body",
+                                 reason="header_mismatch")
         if hdr_method is not None and decode_header_value(hdr_method) != method:
             raise HeaderMismatch("Mcp-Method header does not match the body", reason="header_mismatch")
         if hdr_name is not None and decode_header_value(hdr_name) != (ex.name if method in _NAME_PARAM else None):

@@ -50,6 +50,7 @@ class EvilUpstream:
     get_streams: list[asyncio.StreamWriter] = field(default_factory=list)
     get_stream_open: asyncio.Event = field(default_factory=asyncio.Event)
     requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
+    header_lines: list[list[tuple[str, str]]] = field(default_factory=list)   # as received, repeats kept
     # GET with Last-Event-ID: <key> is answered with these SSE bytes, then the stream ends.
     replays: dict[str, bytes] = field(default_factory=dict)
 
@@ -85,9 +86,11 @@ class EvilUpstream:
                     return
                 lines = head.decode("latin-1").split("\r\n")
                 method = lines[0].split(" ", 1)[0]
-                headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+                pairs = [(k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)]
+                headers = {k.lower(): v for k, v in pairs}
                 body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
                 self.requests.append((method, headers, body))
+                self.header_lines.append(pairs)
                 if method == "GET" and "last-event-id" in headers:
                     writer.write(sse_head() + self.replays.get(headers["last-event-id"], b""))
                     await writer.drain()
