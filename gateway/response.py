@@ -138,7 +138,7 @@ class ResponsePath:
             # No message: a resumption point (servers prime a stream with an id and empty data).
             if ev.id is None and ev.retry is None:
                 return None
-            return _prime(self._stream.event_id(ex, ev.id), ev.retry)
+            return encode_event("", event=None, id=self._stream.event_id(ex, ev.id), retry=ev.retry)
         if ev.event is not None and ev.event != "message":
             return self._unreadable(ex, "upstream_sse_event")
         try:
@@ -158,16 +158,6 @@ class ResponsePath:
         if ex.origin is not None and ex.origin.kind == "p" and not ex.answered:
             raise StreamAbort(err)
         return None
-
-
-def _prime(event_id: str | None, retry: int | None) -> bytes:
-    parts = []
-    if event_id is not None:
-        parts.append(f"id: {event_id}\n")
-    if retry is not None:
-        parts.append(f"retry: {retry}\n")
-    parts.append("data: \n\n")
-    return "".join(parts).encode()
 
 
 def error_event(err: GatewayError, rpc_id: Any) -> bytes:

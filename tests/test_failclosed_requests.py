@@ -101,9 +101,10 @@ async def test_generated_header_sets_are_refused_or_forwarded_exactly_as_checked
 
 async def test_a_full_upstream_pool_answers_503_after_pool_timeout(gateway: Any, evil: EvilUpstream,
                                                                    tmp_path: Path) -> None:
-    release = asyncio.Event()
+    release, arrived = asyncio.Event(), asyncio.Event()
 
     async def slow(e: EvilUpstream, rid: Any, msg: dict[str, Any]) -> bytes:
+        arrived.set()
         await asyncio.wait_for(release.wait(), 20)
         return ok_result(rid)
 
@@ -115,10 +116,7 @@ async def test_a_full_upstream_pool_answers_503_after_pool_timeout(gateway: Any,
         call = rpc("tools/call", modern_params({"name": "slow", "arguments": {}}))
         holding = asyncio.ensure_future(post(client, gw.url("up"), call, headers=modern_headers("tools/call", "slow"),
                                              version=MODERN_VERSION))
-        for _ in range(200):
-            if evil.requests:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(arrived.wait(), 10)        # the only connection is now busy
         started = time.monotonic()
         second = await post(client, gw.url("up"), rpc("tools/call", modern_params({"name": "slow", "arguments": {}})),
                             headers=modern_headers("tools/call", "slow"), version=MODERN_VERSION)

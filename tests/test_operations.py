@@ -50,7 +50,7 @@ async def test_readyz_does_not_reveal_the_config_path(up: EvilUpstream, gateway:
 @pytest.mark.parametrize("trusted,xff,client", [
     ([], "203.0.113.7", "127.0.0.1"),                                   # not from a trusted proxy: ignored
     (["127.0.0.0/8"], "203.0.113.7", "203.0.113.7"),
-    (["127.0.0.0/8", "10.0.0.0/8"], "198.51.100.1, 203.0.113.7, 10.1.2.3", "203.0.113.7"),  # rightmost untrusted
+    (["127.0.0.0/8", "10.1.0.0/16"], "198.51.100.1, 203.0.113.7, 10.1.2.3", "203.0.113.7"),  # rightmost untrusted
     (["127.0.0.0/8"], "not-an-address", "127.0.0.1"),
 ])
 async def test_the_client_address_in_the_audit_record_believes_only_trusted_proxies(

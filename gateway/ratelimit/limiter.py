@@ -325,9 +325,11 @@ class RedisLimiter:
             log.info("ratelimit.store_recovered")
             return
 
-    def release(self, leases: list[tuple[str, str]]) -> None:
+    def release(self, leases: list[tuple[str, str]]) -> "asyncio.Task[None] | None":
+        """Give leases back (a task: the exchange that ends does not wait for Redis)."""
         if leases and self._client is not None:
-            asyncio.get_running_loop().create_task(self._release(leases))
+            return asyncio.get_running_loop().create_task(self._release(leases))
+        return None
 
     async def _release(self, leases: list[tuple[str, str]]) -> None:
         try:
