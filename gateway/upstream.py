@@ -202,7 +202,10 @@ class Forwarder:
         else:
             headers = self._base_headers(ex)      # no upstream credentials: nothing to await
         try:
-            resp = await pool.request(ex.request.method, headers, ex.body)
+            # A client's answer to a server request may go twice (see upstream_http.py).
+            msg = ex.message
+            answer = ex.method is None and isinstance(msg, dict) and ("result" in msg or "error" in msg)
+            resp = await pool.request(ex.request.method, headers, ex.body, replayable=answer)
         except UnsafeHeader as exc:
             # Only gateway-made headers can hold CR/LF (client headers were parsed by llhttp):
             # a configured credential, or a token an authorization server issued.

@@ -25,7 +25,11 @@ needs:
   TCP (+TLS) connect.  Both raise ``asyncio.TimeoutError``;
 * a request sent on a reused connection that the upstream closed before
   answering is retried once on a new connection when the method is idempotent
-  (GET, DELETE); a POST is never sent twice.
+  (GET, DELETE) or the caller says the request is ``replayable`` (a POST that
+  only carries a client's JSON-RPC answer: a receiver drops an answer to an id
+  it no longer waits for, so a second copy is harmless, while a lost one leaves
+  the server's elicitation or sampling request waiting until it times out);
+  any other POST is never sent twice.
 
 Errors are ``aiohttp.ClientError`` subclasses so callers handle the gateway's
 other HTTP calls and this one alike.  No cookies are kept (one pool serves all
@@ -399,7 +403,8 @@ class Pool:
         head = f"{method}{self._prefix}{block}Content-Length: {len(body)}\r\n\r\n"
         return head.encode("utf-8", "surrogateescape") + body
 
-    async def request(self, method: str, headers: dict[str, str], body: bytes | None = None) -> Response:
+    async def request(self, method: str, headers: dict[str, str], body: bytes | None = None, *,
+                      replayable: bool = False) -> Response:
         """Send one request; return once the upstream's status and headers are in."""
         if self._closed:
             raise UpstreamConnectError("the upstream pool is closed")
@@ -411,7 +416,7 @@ class Pool:
             try:
                 await resp._start()
             except UpstreamDisconnected as exc:
-                if not (conn.reused and exc.before_response and method in IDEMPOTENT):
+                if not (conn.reused and exc.before_response and (replayable or method in IDEMPOTENT)):
                     raise
                 # The upstream closed a kept-alive connection as the request went out.
                 conn = await self._acquire(fresh=True)

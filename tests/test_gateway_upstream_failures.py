@@ -154,3 +154,51 @@ async def test_a_stream_silent_past_read_timeout_ends_with_an_in_band_timeout_er
     progress = [m for m in reply.messages if m and m.get("method") == "notifications/progress"]
     assert [p["params"]["progress"] for p in progress] == [1]
     assert_error(reply.messages[-1], body["id"], "upstream_timeout")
+
+
+# -- a kept-alive connection closed by the upstream as a request arrives (#15 item 7) ----------
+
+EVIL_POLICY = """\
+servers:
+  evil:
+    default: deny
+    tools:
+      - {id: evil-safe, match: safe_tool, destructive: allow}
+"""
+
+
+async def _evil_gateway(gateway: Any, evil: Any, tmp_path: Any) -> Gateway:
+    (tmp_path / "policies").mkdir(exist_ok=True)
+    (tmp_path / "policies" / "evil.yaml").write_text(EVIL_POLICY)
+    return await gateway.astart({"servers": {"evil": {"url": evil.url, "pinning": {"mode": "off"}}},
+                                 "policies": str(tmp_path / "policies")})
+
+
+async def test_a_clients_answer_to_a_server_request_survives_a_keep_alive_close_race(
+        gateway: Any, evil: Any, tmp_path: Any) -> None:
+    """The conformance suite's elicitation scenario timed out now and then: the client's answer
+    went out on a kept-alive connection the upstream was closing, the gateway answered 502, the
+    SDK dropped the error and the server waited for the answer until its 60 s timeout.  A POST
+    carrying only an answer is now sent again on a fresh connection."""
+    evil.hang_up = lambda n, body: n > 0 and b'"result"' in body and not evil.hung_up
+    gw = await _evil_gateway(gateway, evil, tmp_path)
+    async with http_client() as client:
+        sid, _ = await initialize(client, gw.url("evil"))
+        answer = {"jsonrpc": "2.0", "id": "elicit-1", "result": {"action": "accept", "content": {"name": "x"}}}
+        reply = await post(client, gw.url("evil"), answer, session_id=sid)
+    assert reply.status == 202, reply
+    assert len(evil.hung_up) == 1                                   # the race happened once ...
+    delivered = [b for m, _, b in evil.requests if m == "POST" and b'"elicit-1"' in b]
+    assert len(delivered) == 1                                      # ... and the answer still arrived
+
+
+async def test_a_request_is_never_sent_twice_when_the_upstream_closes_as_it_arrives(
+        gateway: Any, evil: Any, tmp_path: Any) -> None:
+    evil.hang_up = lambda n, body: n > 0 and b'"tools/call"' in body
+    gw = await _evil_gateway(gateway, evil, tmp_path)
+    async with http_client() as client:
+        sid, _ = await initialize(client, gw.url("evil"))
+        call = rpc("tools/call", {"name": "safe_tool", "arguments": {}})
+        reply = await post(client, gw.url("evil"), call, session_id=sid)
+    assert reply.status == 502 and reply.json["error"]["data"]["reason"] == "upstream_unavailable", reply
+    assert len(evil.hung_up) == 1                                   # a call with effects goes once

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ from gateway.config.yamlloc import Loc
 from gateway.policy.glob import compile_glob
 from gateway.ratelimit.limiter import MemoryLimiter, RedisLimiter
 from gateway.ratelimit.model import Limit, Window
-from tests.support.clients import mcp_client, raises_mcp_error
+from tests.support.clients import find_mcp_error, mcp_client, raises_mcp_error
 from tests.support.components import start_redis
 from tests.support.evil_upstream import EvilUpstream, http
 from tests.support.gw_helpers import MODERN_VERSION, http_client, modern_headers, modern_params, post, rpc
@@ -122,6 +126,47 @@ async def test_a_dead_holders_lease_expires(limiter: Any) -> None:
     assert (await limiter.run([(lim, "k")])).allowed
 
 
+async def test_a_renewed_lease_outlives_its_ttl_and_a_lapsed_one_is_not_revived(limiter: Any) -> None:
+    lim = limit(concurrency=1, windows=False)
+    held = await limiter.run([(lim, "k")])
+    assert held.allowed
+    limiter.clock.now += 20                  # ttl 30 s: renewed at 20 s, so it now lasts until 50 s
+    await _renew(limiter, held.leases)
+    limiter.clock.now += 20
+    assert not (await limiter.run([(lim, "k")])).allowed
+    limiter.clock.now += 11                  # 51 s: not renewed since 20 s, the slot is free
+    taken = await limiter.run([(lim, "k")])
+    assert taken.allowed
+    await _renew(limiter, held.leases)       # the old holder's late renewal revives nothing
+    assert not (await limiter.run([(lim, "k")])).allowed   # only the new holder's lease is there
+    limiter.clock.now += 31
+    assert (await limiter.run([(lim, "k")])).allowed
+
+
+async def _renew(limiter: Any, leases: list[tuple[str, str]]) -> None:
+    if isinstance(limiter, RedisLimiter):
+        limiter.now_override = limiter.clock.now
+    await limiter.renew(leases)
+
+
+async def test_checks_of_one_event_loop_turn_go_in_one_call_and_stay_exact(redis_url: str, redis_prefix: str) -> None:
+    lim = RedisLimiter(redis_url, redis_prefix)
+    await lim.start()
+    try:
+        five, one = limit("five", limit=5, per=60.0), limit("one", limit=1, per=60.0)
+        capped = limit("cap", concurrency=2, windows=False)
+        # 40 checks issued in one turn: the first goes alone, the other 39 batch behind it.
+        futures = [lim.check([(five, "k")]) for _ in range(20)] + [lim.check([(one, "k")]) for _ in range(10)] \
+            + [lim.check([(capped, "k")]) for _ in range(10)]
+        verdicts = await asyncio.gather(*futures)
+        assert [v.allowed for v in verdicts[:20]].count(True) == 5
+        assert [v.allowed for v in verdicts[20:30]].count(True) == 1
+        assert [v.allowed for v in verdicts[30:]].count(True) == 2
+        assert [v.allowed for v in verdicts[:5]] == [True] * 5          # in arrival order
+    finally:
+        await lim.close()
+
+
 # -- end to end ----------------------------------------------------------------------------
 
 POLICY = """\
@@ -215,16 +260,128 @@ async def test_a_concurrency_cap_holds_across_replicas_and_frees_when_calls_end(
             await asyncio.wait_for(up.arrived.wait(), 10)   # the first call reached the upstream
             second = await _call(client, gws[1], "slow")
             assert second.status == 429 and second.json["error"]["data"]["limit"] == "one-at-a-time"
-            up.release.set()
-            assert (await holding).status == 200
-            for _ in range(100):                         # the lease is released as the exchange ends
-                third = await _call(client, gws[1], "slow")
-                if third.status == 200:
-                    break
-                await asyncio.sleep(0.02)
+            async with _keyspace(redis_url, f"{{{redis_prefix}rl}}:one-at-a-time:c:*") as events:
+                up.release.set()
+                assert (await holding).status == 200
+                await events.wait_for("zrem")               # the lease is released as the exchange ends
+            third = await _call(client, gws[1], "slow")
             assert third.status == 200
     finally:
         await up.stop()
+
+
+class _Events:
+    def __init__(self, pubsub: Any) -> None:
+        self.pubsub = pubsub
+        self.seen: list[tuple[str, str]] = []
+
+    async def wait_for(self, event: str, count: int = 1, timeout: float = 15.0) -> list[str]:
+        """Wait until ``count`` ``event`` notifications arrived in all; return their keys."""
+        async with asyncio.timeout(timeout):
+            while sum(1 for e, _ in self.seen if e == event) < count:
+                msg = await self.pubsub.get_message(timeout=timeout)
+                if msg is not None and msg["type"] == "pmessage":
+                    self.seen.append((msg["data"].decode(), msg["channel"].decode().partition("__:")[2]))
+        return [k for e, k in self.seen if e == event]
+
+
+@asynccontextmanager
+async def _keyspace(redis_url: str, pattern: str) -> AsyncIterator[_Events]:
+    """Redis keyspace notifications for keys matching ``pattern`` (a signal to wait on, not a poll)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_url)
+    await client.config_set("notify-keyspace-events", "Kgz")
+    pubsub = client.pubsub()
+    await pubsub.psubscribe(f"__keyspace@0__:{pattern}")
+    await pubsub.get_message(timeout=5)                # the subscription confirmation
+    try:
+        yield _Events(pubsub)
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+async def test_slots_of_a_killed_replica_come_back_within_the_lease_ttl_while_live_ones_are_renewed(
+        gateway: Any, tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    up = await _upstream()
+    ttl = 1.0
+    try:
+        gws = await _gateways(gateway, tmp_path, up, {"url": redis_url, "prefix": redis_prefix,
+                                                      "lease_ttl": f"{int(ttl * 1000)}ms"}, 2)
+        async with http_client() as client, _keyspace(redis_url, f"{{{redis_prefix}rl}}:one-at-a-time:c:*") as ev:
+            holding = asyncio.ensure_future(_call(client, gws[0], "slow"))
+            await asyncio.wait_for(up.arrived.wait(), 10)
+            # Taken, then renewed four times (every ttl/3): held past its ttl by a live replica.
+            (key, *_) = await ev.wait_for("zadd", count=5)
+            assert (await _call(client, gws[1], "slow")).status == 429
+            os.kill(gws[0].proc.pid, signal.SIGKILL)          # dies holding the slot
+            await asyncio.to_thread(gws[0].proc.stop)
+            holding.cancel()
+            r = aioredis.from_url(redis_url)
+            try:
+                (lease, expiry_us), = await r.zrange(key, 0, -1, withscores=True)
+                sec, usec = await r.time()
+                left = (expiry_us - (sec * 1_000_000 + usec)) / 1e6
+                assert 0 < left <= ttl                        # no one renews it any more
+                assert (await _call(client, gws[1], "slow")).status == 429
+                # The wait is the property under test: the slot's expiry, read from Redis.
+                await asyncio.sleep(left + 0.05)
+            finally:
+                await r.aclose()
+            up.release.set()
+            assert (await _call(client, gws[1], "slow")).status == 200
+    finally:
+        up.release.set()
+        await up.stop()
+
+
+SDK_POLICY = """\
+servers:
+  up:
+    default: deny
+    tools:
+      - {id: up-all, match: "*", destructive: allow}
+    limits:
+      - {id: n-per-window, match: {tools: [add]}, key: [global], windows: [{limit: LIMIT, per: 1h}]}
+"""
+
+
+@pytest.mark.parametrize("store,replicas,n,clients,calls", [
+    ("redis", 3, 200, 6, 50), ("redis", 3, 5, 6, 4), ("redis", 3, 1, 3, 4),
+    ("memory", 1, 200, 6, 50), ("memory", 1, 1, 3, 4)])
+async def test_sdk_clients_spread_over_replicas_get_exactly_n(
+        gateway: Any, upstream: Any, tmp_path: Path, redis_url: str, redis_prefix: str,
+        store: str, replicas: int, n: int, clients: int, calls: int) -> None:
+    up = await upstream.astart()
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "up.yaml").write_text(SDK_POLICY.replace("LIMIT", str(n)))
+    cfg = {"servers": {"up": {"url": up.url}}, "policies": str(tmp_path / "p"),
+           "store": {"url": redis_url, "prefix": redis_prefix} if store == "redis" else "memory"}
+    gws = list(await asyncio.gather(*(gateway.astart(cfg) for _ in range(replicas))))
+
+    async def one_client(i: int) -> tuple[int, int]:
+        admitted = refused = 0
+        async with mcp_client(gws[i % replicas].url("up"), timeout=20) as sdk:
+            for j in range(calls):
+                try:
+                    result = await sdk.call_tool("add", {"a": i, "b": j})
+                except BaseException as exc:   # noqa: BLE001 - the SDK raises refusals, often in a group
+                    err = find_mcp_error(exc)
+                    if err is None or err.code != -32004:
+                        raise
+                    refused += 1
+                else:
+                    assert not result.is_error
+                    admitted += 1
+        return admitted, refused
+
+    results = await asyncio.gather(*(one_client(i) for i in range(clients)))
+    admitted = sum(a for a, _ in results)
+    assert admitted == n and sum(r for _, r in results) == clients * calls - n
+    assert len(up.records("tools/call")) == n            # what was refused never reached the upstream
 
 
 @pytest.mark.parametrize("mode,expected", [("closed", 503), ("open", 200)])

@@ -41,6 +41,7 @@ class StoreConfig:
     session_ttl: float = 24 * 3600
     loc: Loc | None = None
     limit_timeout: float = 0.25      # longest a rate-limit check waits for Redis (then on_store_error)
+    lease_ttl: float = 30.0          # a concurrency slot not renewed for this long is free (dead replica)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,21 +154,23 @@ def _store(r: Reader) -> StoreConfig:
     value = r.node.get("store", "memory")
     loc = r.at("store")
     if isinstance(value, str):
-        url, prefix, ttl, limit_timeout = value, "mcpgw:", 24 * 3600.0, 0.25
+        url, prefix, ttl, limit_timeout, lease_ttl = value, "mcpgw:", 24 * 3600.0, 0.25, 30.0
     elif isinstance(value, LDict):
         sub = Reader(value, r.problems, "store")
         url = sub.str("url", "memory") or "memory"
         prefix = sub.str("prefix", "mcpgw:") or "mcpgw:"
         ttl = sub.duration("session_ttl", 24 * 3600.0, min=1)
         limit_timeout = sub.duration("limit_timeout", 0.25, min=0.001)
+        lease_ttl = sub.duration("lease_ttl", 30.0, min=0.3)
         sub.done()
     else:
         r.error("store", "store must be 'memory', a redis:// URL, or a mapping with url/prefix")
         return StoreConfig("memory", loc=loc)
     if url == "memory":
-        return StoreConfig("memory", prefix=prefix, session_ttl=ttl, loc=loc)
+        return StoreConfig("memory", prefix=prefix, session_ttl=ttl, loc=loc, lease_ttl=lease_ttl)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return StoreConfig("redis", url=url, prefix=prefix, session_ttl=ttl, loc=loc, limit_timeout=limit_timeout)
+        return StoreConfig("redis", url=url, prefix=prefix, session_ttl=ttl, loc=loc, limit_timeout=limit_timeout,
+                           lease_ttl=lease_ttl)
     r.error("store", f"store must be 'memory' or a redis:// URL; got {url!r}")
     return StoreConfig("memory", loc=loc)
 

@@ -3,8 +3,10 @@
 Both stores give the same answer for the same sequence of calls: every limit
 that applies to a request is checked first and charged only if all admit it
 (all or nothing), rates by GCRA (``model.Window``), concurrency by leases that
-are released when the exchange ends and expire by themselves if a replica dies
-holding them.
+are released when the exchange ends.  A lease lives ``lease_ttl`` seconds and its
+holder renews it every third of that while the exchange runs, so a call may hold
+its slot as long as it lasts, while the slots of a replica that died come back
+within ``lease_ttl``.
 
 ``RedisLimiter`` is exact across replicas: one Lua script, loaded once and
 called by SHA, checks and charges atomically with Redis's clock (``TIME``), and
@@ -26,10 +28,11 @@ from typing import Any, Callable
 import structlog
 
 from .model import Limit, Window
+from .resp import RespClient, RespReplyError
 
 log = structlog.get_logger("gateway.ratelimit")
-LEASE_SECONDS = 600.0
-_MAX_INFLIGHT = 1          # script calls out at once per replica; the rest batch behind them      # a concurrency slot held longer than this is freed (a dead replica's)
+LEASE_TTL = 30.0           # default: a slot not renewed for this long is free again (a dead replica's)
+_MAX_INFLIGHT = 1          # script calls out at once per replica; the rest batch behind them
 
 
 class LimitStoreError(Exception):
@@ -62,10 +65,12 @@ def gcra(tat: float, now: float, w: Window, cost: int) -> tuple[bool, float, flo
 class MemoryLimiter:
     """One process.  ``clock`` is injectable (tests control time)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, lease_ttl: float = LEASE_TTL) -> None:
         self._clock = clock
+        self._ttl = lease_ttl
         self._tat: dict[str, float] = {}
         self._leases: dict[str, dict[str, float]] = {}
+        self._renewer = _Renewer(lease_ttl, self.renew)
 
     def check(self, checks: list[Check]) -> Verdict:
         now = self._clock()
@@ -95,87 +100,163 @@ class MemoryLimiter:
                 for lid in [lid for lid, expiry in held.items() if expiry <= now]:
                     del held[lid]
                 lease = secrets.token_hex(8)
-                held[lease] = now + LEASE_SECONDS
+                held[lease] = now + self._ttl
                 verdict.leases.append((k, lease))
+                self._renewer.hold(k, lease)
         if len(self._tat) > 100_000:
             self._tat = {k: v for k, v in self._tat.items() if v > now}     # past TATs equal a fresh key
         return verdict
 
     def release(self, leases: list[tuple[str, str]]) -> None:
         for key, lease in leases:
+            self._renewer.drop(key, lease)
             held = self._leases.get(key)
             if held is not None:
                 held.pop(lease, None)
                 if not held:
                     del self._leases[key]
 
+    async def renew(self, leases: list[tuple[str, str]]) -> None:
+        expiry = self._clock() + self._ttl
+        for key, lease in leases:
+            held = self._leases.get(key)
+            if held is not None and lease in held:
+                held[lease] = expiry
+
     async def start(self) -> None:
-        return None
+        self._renewer.start()
 
     async def close(self) -> None:
-        return None
+        self._renewer.stop()
+
+
+class _Renewer:
+    """Renews the leases this process holds, every third of their time to live."""
+
+    def __init__(self, ttl: float, renew: Callable[[list[tuple[str, str]]], Any]) -> None:
+        self._ttl = ttl
+        self._renew = renew
+        self._held: dict[tuple[str, str], None] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def hold(self, key: str, lease: str) -> None:
+        self._held[(key, lease)] = None
+
+    def drop(self, key: str, lease: str) -> None:
+        self._held.pop((key, lease), None)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            if self._held:
+                try:
+                    await self._renew(list(self._held))
+                except Exception as exc:      # the next round tries again; a lapse frees the slot
+                    log.warning("ratelimit.renew_failed", error=type(exc).__name__)
 
 
 # -- Redis -------------------------------------------------------------------------------
 
 # KEYS: every key the batch uses.  ARGV[1]: now override in microseconds ("" = Redis TIME),
-# ARGV[2]: lease seconds, then per request: n, then n checks of
-#   "r" key# interval_us tolerance_us cost   |   "c" key# cap lease_id
-# Returns per request {allowed, failed_check#, retry_us, remaining}.
+# ARGV[2]: lease seconds, ARGV[3]: D, the number of rate windows the batch uses, then D
+# descriptors "key# interval_us tolerance_us cost", then per request: n, then n checks, each
+# either a descriptor # (a rate window) or "c key# cap lease_id" (a concurrency cap).
+# Returns per request {allowed, failed_check#, retry_us, remaining}.  A window repeated in a
+# batch (the same caller, a global limit) is described once, read once and written once.
 _SCRIPT = """
 local now
 if ARGV[1] ~= '' then now = tonumber(ARGV[1]) else
   local t = redis.call('TIME'); now = tonumber(t[1]) * 1000000 + tonumber(t[2]) end
 local lease_us = tonumber(ARGV[2]) * 1000000
+local d = tonumber(ARGV[3])
+local wk, wint, wtol, wcost, tats = {}, {}, {}, {}, {}
+for j = 1, d do
+  local b = 4 * j
+  wk[j] = tonumber(ARGV[b]); wint[j] = tonumber(ARGV[b + 1])
+  wtol[j] = tonumber(ARGV[b + 2]); wcost[j] = tonumber(ARGV[b + 3])
+end
+local dirty = {}
 local out = {}
-local i = 3
+local i = 4 * d + 4
 while i <= #ARGV do
   local n = tonumber(ARGV[i]); i = i + 1
-  local first = i
   local ok, failed, retry, remaining = 1, 0, 0, -1
   local writes = {}
   for c = 1, n do
-    local kind = ARGV[i]; local key = KEYS[tonumber(ARGV[i + 1])]
-    if kind == 'r' then
-      local interval = tonumber(ARGV[i + 2]); local tol = tonumber(ARGV[i + 3]); local cost = tonumber(ARGV[i + 4])
-      local tat = tonumber(redis.call('GET', key) or '0')
+    local a = ARGV[i]
+    if a ~= 'c' then
+      local j = tonumber(a); local k = wk[j]; local interval = wint[j]; local tol = wtol[j]
+      local tat = tats[k]
+      if tat == nil then tat = tonumber(redis.call('GET', KEYS[k]) or '0'); tats[k] = tat end
       if tat < now then tat = now end
-      local new_tat = tat + cost * interval
+      local new_tat = tat + wcost[j] * interval
       local ahead = new_tat - now
       if ahead > tol then
         if ok == 1 then ok = 0; failed = c; retry = ahead - tol; remaining = 0 end
       else
         local left = math.floor((tol - ahead) / interval)
         if remaining < 0 or left < remaining then remaining = left end
-        writes[#writes + 1] = {'r', key, new_tat, math.ceil((new_tat - now) / 1000) + 1000}
+        writes[#writes + 1] = {k, new_tat}
       end
-      i = i + 5
+      i = i + 1
     else
-      local cap = tonumber(ARGV[i + 2]); local lease = ARGV[i + 3]
+      local key = KEYS[tonumber(ARGV[i + 1])]; local cap = tonumber(ARGV[i + 2]); local lease = ARGV[i + 3]
       redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
       if redis.call('ZCARD', key) >= cap then
         if ok == 1 then ok = 0; failed = c; retry = 1000000; remaining = 0 end
       else
-        writes[#writes + 1] = {'c', key, lease}
+        writes[#writes + 1] = {key, lease}
       end
       i = i + 4
     end
   end
   if ok == 1 then
     for _, w in ipairs(writes) do
-      if w[1] == 'r' then redis.call('SET', w[2], w[3], 'PX', w[4])
-      else redis.call('ZADD', w[2], now + lease_us, w[3]); redis.call('PEXPIRE', w[2], math.ceil(lease_us / 1000)) end
+      if type(w[1]) == 'number' then tats[w[1]] = w[2]; dirty[w[1]] = true
+      else redis.call('ZADD', w[1], now + lease_us, w[2]); redis.call('PEXPIRE', w[1], math.ceil(lease_us / 1000)) end
     end
   end
   out[#out + 1] = {ok, failed, math.ceil(retry), remaining}
 end
+for k in pairs(dirty) do
+  local tat = tats[k]
+  redis.call('SET', KEYS[k], tat, 'PX', math.ceil((tat - now) / 1000) + 1000)
+end
 return out
+"""
+
+# Renewal: KEYS the lease keys; ARGV[1] now override ("" = TIME), ARGV[2] lease seconds, then
+# pairs "key# lease_id".  XX: a lease already expired (and so maybe taken) is not revived.
+_RENEW = """
+local now
+if ARGV[1] ~= '' then now = tonumber(ARGV[1]) else
+  local t = redis.call('TIME'); now = tonumber(t[1]) * 1000000 + tonumber(t[2]) end
+local lease_us = tonumber(ARGV[2]) * 1000000
+for i = 3, #ARGV, 2 do
+  local key = KEYS[tonumber(ARGV[i])]
+  local score = redis.call('ZSCORE', key, ARGV[i + 1])
+  if score and tonumber(score) > now then
+    redis.call('ZADD', key, 'XX', now + lease_us, ARGV[i + 1])
+    redis.call('PEXPIRE', key, math.ceil(lease_us / 1000))
+  end
+end
+return 0
 """
 
 
 class RedisLimiter:
-    def __init__(self, url: str, prefix: str, *, timeout: float = 0.25, breaker: float = 1.0) -> None:
+    def __init__(self, url: str, prefix: str, *, timeout: float = 0.25, breaker: float = 1.0,
+                 lease_ttl: float = LEASE_TTL) -> None:
         self._url = url
+        self._ttl = lease_ttl
+        self._renewer = _Renewer(lease_ttl, self.renew)
         self._tag = "{" + prefix + "rl}"      # one hash tag: every key of a call in one Cluster slot
         self._timeout = timeout
         self._breaker = breaker
@@ -191,16 +272,15 @@ class RedisLimiter:
         self.errors = 0
 
     async def start(self) -> None:
-        import redis.asyncio as aioredis
-
-        self._client = aioredis.from_url(self._url, socket_connect_timeout=self._timeout,
-                                         socket_timeout=self._timeout, decode_responses=False)
+        self._client = RespClient(self._url, self._timeout)
+        self._renewer.start()
 
     async def close(self) -> None:
+        self._renewer.stop()
         if self._probe is not None:
             self._probe.cancel()
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
 
     # -- checks -----------------------------------------------------------------------
 
@@ -241,8 +321,9 @@ class RedisLimiter:
 
     async def _run_batch(self, batch: list[tuple[list[Check], "asyncio.Future[Verdict]"]]) -> None:
         keys: dict[str, int] = {}
-        now = "" if self.now_override is None else str(int(self.now_override * 1_000_000))
-        args: list[Any] = [now, LEASE_SECONDS]
+        windows: dict[tuple[str, tuple[int, ...]], int] = {}      # (key, params) -> window descriptor #
+        described: list[Any] = []
+        requests: list[Any] = []
         plans: list[list[tuple[Limit, Window | None, str, str | None]]] = []
         for checks, _ in batch:
             plan: list[tuple[Limit, Window | None, str, str | None]] = []
@@ -250,17 +331,23 @@ class RedisLimiter:
             for limit, key in checks:
                 for kind, k, params, w in self._template(limit, key):
                     if kind == "r":
-                        items += ["r", keys.setdefault(k, len(keys) + 1), *params]
+                        d = windows.get((k, params))
+                        if d is None:
+                            d = windows[(k, params)] = len(windows) + 1
+                            described += [keys.setdefault(k, len(keys) + 1), *params]
+                        items.append(d)
                         plan.append((limit, w, k, None))
                     else:
                         lease = secrets.token_hex(8)
                         items += ["c", keys.setdefault(k, len(keys) + 1), params[0], lease]
                         plan.append((limit, None, k, lease))
-            args.append(len(plan))
-            args += items
+            requests.append(len(plan))
+            requests += items
             plans.append(plan)
+        now = "" if self.now_override is None else str(int(self.now_override * 1_000_000))
+        args = [now, self._ttl, len(windows), *described, *requests]
         try:
-            # The client's socket timeout (``timeout``) bounds the wait: no wait_for task per call.
+            # The connection's reply timer (``timeout``) bounds the wait: no wait_for task per call.
             results = await self._eval(list(keys), args)
         except Exception as exc:      # redis errors, timeouts, a closed connection: all the same here
             self._trip(exc)
@@ -274,6 +361,8 @@ class RedisLimiter:
             if ok:
                 verdict = Verdict(True, remaining=int(remaining) if remaining >= 0 else 0)
                 verdict.leases = [(k, lease) for _, _, k, lease in plan if lease is not None]
+                for k, lease in verdict.leases:
+                    self._renewer.hold(k, lease)
             else:
                 limit, w, _, _ = plan[int(failed) - 1]
                 verdict = Verdict(False, limit, int(retry_us) / 1e6, 0, w)
@@ -296,15 +385,17 @@ class RedisLimiter:
         return found
 
     async def _eval(self, keys: list[str], args: list[Any]) -> Any:
-        from redis.exceptions import NoScriptError
-
+        client = self._client
         if self._sha is None:
-            self._sha = await self._client.script_load(_SCRIPT)
+            self._sha = await client.call("SCRIPT", "LOAD", _SCRIPT)
         try:
-            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
-        except NoScriptError:          # Redis restarted or flushed its scripts
-            self._sha = await self._client.script_load(_SCRIPT)
-            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+            return await client.call("EVALSHA", self._sha, len(keys), *keys, *args)
+        except RespReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            # Redis restarted or flushed its scripts.
+            self._sha = await client.call("SCRIPT", "LOAD", _SCRIPT)
+            return await client.call("EVALSHA", self._sha, len(keys), *keys, *args)
 
     def _trip(self, exc: BaseException) -> None:
         self.errors += 1
@@ -317,7 +408,7 @@ class RedisLimiter:
         while True:
             await asyncio.sleep(self._breaker)
             try:
-                await asyncio.wait_for(self._client.ping(), self._timeout)
+                await self._client.call("PING")
             except Exception:
                 self._down_until = time.monotonic() + self._breaker
                 continue
@@ -327,18 +418,28 @@ class RedisLimiter:
 
     def release(self, leases: list[tuple[str, str]]) -> "asyncio.Task[None] | None":
         """Give leases back (a task: the exchange that ends does not wait for Redis)."""
+        for key, lease in leases:
+            self._renewer.drop(key, lease)
         if leases and self._client is not None:
             return asyncio.get_running_loop().create_task(self._release(leases))
         return None
 
     async def _release(self, leases: list[tuple[str, str]]) -> None:
         try:
-            pipe = self._client.pipeline(transaction=False)
             for key, lease in leases:
-                pipe.zrem(key, lease)
-            await asyncio.wait_for(pipe.execute(), self._timeout)
-        except Exception as exc:   # the lease expires by itself (LEASE_SECONDS)
+                await self._client.call("ZREM", key, lease)
+        except Exception as exc:   # the lease expires by itself (lease_ttl)
             log.warning("ratelimit.release_failed", error=type(exc).__name__)
+
+    async def renew(self, leases: list[tuple[str, str]]) -> None:
+        """Push the expiry of held leases ``lease_ttl`` past Redis's clock (only leases still there)."""
+        keys = list(dict.fromkeys(k for k, _ in leases))
+        index = {k: i + 1 for i, k in enumerate(keys)}
+        now = "" if self.now_override is None else str(int(self.now_override * 1_000_000))
+        args: list[Any] = [now, self._ttl]
+        for k, lease in leases:
+            args += [index[k], lease]
+        await self._client.call("EVAL", _RENEW, len(keys), *keys, *args)
 
 
 def retry_seconds(verdict: Verdict) -> int:
@@ -348,5 +449,5 @@ def retry_seconds(verdict: Verdict) -> int:
 def make_limiter(store: Any) -> "MemoryLimiter | RedisLimiter":
     """The limiter for the configured store: exact across replicas with Redis."""
     if store.kind == "redis":
-        return RedisLimiter(store.url, store.prefix, timeout=store.limit_timeout)
-    return MemoryLimiter()
+        return RedisLimiter(store.url, store.prefix, timeout=store.limit_timeout, lease_ttl=store.lease_ttl)
+    return MemoryLimiter(lease_ttl=store.lease_ttl)

@@ -24,7 +24,7 @@ from prometheus_client import Counter
 from ..errors import RateLimited, Unavailable
 from ..ratelimit.limiter import LimitStoreError, Verdict, retry_seconds
 from ..ratelimit.model import CLOSED, Limit
-from ..telemetry.metrics import BOUND
+from ..telemetry.metrics import BOUND, Tally
 
 if TYPE_CHECKING:
     from ..pipeline import Exchange
@@ -38,6 +38,7 @@ LIMIT_DECISIONS = Counter(
     "store_error_closed: refused with 503 for the same reason).",
     ["server", "limit", "decision"],
 )
+_ALLOWED = Tally(LIMIT_DECISIONS).pending     # (server, limit id, "allowed"): every admitted call, tallied
 
 
 class RateLimit:
@@ -115,7 +116,8 @@ class RateLimit:
             raise RateLimited(f"rate limit {lim.id} exceeded; retry in {retry} s", headers=headers,
                               data={"limit": lim.id, "retry_after": retry})
         for lim in limits:
-            BOUND.get(LIMIT_DECISIONS, server, lim.id, "allowed").inc()
+            labels = (server, lim.id, "allowed")
+            _ALLOWED[labels] = _ALLOWED.get(labels, 0) + 1
         ex.audit["limit"] = "allowed"
         if verdict.leases:
             leases = verdict.leases

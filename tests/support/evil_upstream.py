@@ -53,6 +53,10 @@ class EvilUpstream:
     header_lines: list[list[tuple[str, str]]] = field(default_factory=list)   # as received, repeats kept
     # GET with Last-Event-ID: <key> is answered with these SSE bytes, then the stream ends.
     replays: dict[str, bytes] = field(default_factory=dict)
+    # hang_up(n, body): True closes the connection instead of answering its n-th request (0 = the
+    # first), as a keep-alive timeout firing while a request arrives does.  Closed ones are listed.
+    hang_up: Callable[[int, bytes], bool] | None = None
+    hung_up: list[bytes] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -79,7 +83,7 @@ class EvilUpstream:
 
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while True:
+            for n in range(1_000_000):
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, ConnectionError):
@@ -89,6 +93,10 @@ class EvilUpstream:
                 pairs = [(k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)]
                 headers = {k.lower(): v for k, v in pairs}
                 body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+                if self.hang_up is not None and self.hang_up(n, body):
+                    self.hung_up.append(body)
+                    writer.close()
+                    return
                 self.requests.append((method, headers, body))
                 self.header_lines.append(pairs)
                 if method == "GET" and "last-event-id" in headers:
