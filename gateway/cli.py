@@ -166,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "sessions and pins would not be shared; use a redis:// store", file=sys.stderr)
             return 2
         return _run_workers(args, args.workers)
-    configure_logging(config.logging.level)
+    configure_logging(config.logging.level, config.logging)
     return _run_one(config, reuse_port=args.reuse_port or args.workers > 1)
 
 

@@ -170,7 +170,7 @@ async def _demo(port: int, admin_port: int, workdir: Path) -> int:
             for problem in exc.problems:
                 print(problem, file=sys.stderr)
             return 2
-        configure_logging(config.logging.level)
+        configure_logging(config.logging.level, config.logging)
         url = config.servers["demo"].resource_url
         reader = issuer.mint(url, "reader@example.com", "mcp:read")
         admin = issuer.mint(url, "admin@example.com", "mcp:read mcp:admin")

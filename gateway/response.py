@@ -31,6 +31,7 @@ from .codec import JSON, SSE, CodecError, Message, decode, media_type
 from .errors import GatewayError, UpstreamInvalid
 from .inspect.sse import SSEEvent, encode_event
 from .telemetry.metrics import BOUND, UPSTREAM_ERRORS
+from .telemetry.redact import redact_value, scrub_text
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
@@ -165,10 +166,11 @@ def error_event(err: GatewayError, rpc_id: Any) -> bytes:
 
 
 def error_body(err: GatewayError, rpc_id: Any) -> bytes:
-    error: dict[str, Any] = {"code": err.code, "message": err.message}
-    data = {"reason": err.reason}
+    # Messages and data can quote client or upstream text: redacted like a log line.
+    error: dict[str, Any] = {"code": err.code, "message": scrub_text(err.message)}
+    data: dict[str, Any] = {"reason": err.reason}
     if err.data:
-        data.update(err.data)
+        data.update(redact_value("data", err.data))
     error["data"] = data
     # JSON-RPC: id is required on errors; null when the request id is unknown.
     return orjson.dumps({"jsonrpc": "2.0", "id": rpc_id, "error": error})

@@ -423,3 +423,53 @@ def _restart_redis(workdir: Path, port: int) -> Any:
                           "--dir", str(workdir)], name=f"redis-again-{port}", log_path=workdir / "redis.log",
                          ready_line=r"[Rr]eady to accept connections", ready_timeout=15)
     return RedisServer("127.0.0.1", port, proc)
+
+
+# -- answers against a controlled clock -------------------------------------------------------
+
+def _refusal(stage: Any, lim: Limit, limiter: MemoryLimiter) -> Any:
+    from types import SimpleNamespace
+
+    from gateway.errors import RateLimited
+
+    ex = SimpleNamespace(server=SimpleNamespace(name="s"), audit={}, finishers=None)
+    verdict = limiter.check([(lim, "k")])
+    assert not verdict.allowed
+    with pytest.raises(RateLimited) as raised:
+        stage._apply(ex, (lim,), verdict)
+    assert ex.audit["limit"] == f"refused:{lim.id}"
+    return raised.value
+
+
+@pytest.mark.parametrize("advance,retry", [(0.0, 12), (0.5, 12), (11.0, 1), (11.999, 1), (6.0, 6), (5.999, 7)])
+def test_retry_after_and_ratelimit_headers_are_exact_to_the_second(advance: float, retry: int) -> None:
+    from gateway.stages.ratelimit import RateLimit
+
+    clock = Clock()
+    limiter = MemoryLimiter(clock)
+    stage = RateLimit(None, limiter)
+    five = limit("five", limit=5, per=60.0)              # one call every 12 s, 5 at once
+    assert all(limiter.check([(five, "k")]).allowed for _ in range(5))
+    clock.now += advance
+    exc = _refusal(stage, five, limiter)
+    assert exc.headers == {"Retry-After": str(retry), "RateLimit-Policy": '"five";q=5;w=60',
+                           "RateLimit": f'"five";r=0;t={retry}'}
+    assert exc.data == {"limit": "five", "retry_after": retry}
+    assert exc.status == 429 and exc.code == -32004
+    clock.now += retry                                    # told to wait exactly this: admitted then
+    assert limiter.check([(five, "k")]).allowed
+
+
+def test_several_windows_are_named_apart_and_the_refusing_one_is_reported() -> None:
+    from gateway.stages.ratelimit import RateLimit
+
+    clock = Clock()
+    limiter = MemoryLimiter(clock)
+    stage = RateLimit(None, limiter)
+    two = Limit("search", "s", LOC, tools=(compile_glob("*"),),
+                windows=(Window(10, 1.0, 2), Window(100, 3600.0, 100)))
+    assert all(limiter.check([(two, "k")]).allowed for _ in range(2))
+    exc = _refusal(stage, two, limiter)                  # the burst window refuses: 0.1 s -> 1
+    assert exc.headers["RateLimit-Policy"] == '"search/0";q=10;w=1, "search/1";q=100;w=3600'
+    assert exc.headers["RateLimit"] == '"search/0";r=0;t=1'
+    assert exc.headers["Retry-After"] == "1"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import orjson
 import pytest
@@ -26,6 +27,17 @@ SECRETS = [
     ("credentials in a URL", "redis://admin:hunter2secret@10.0.0.5:6379/0"),
     ("a token in a query string", "https://x.example/cb?access_token=abcdef123456&state=1"),
     ("a client secret in a form", "grant_type=client_credentials&client_secret=s3cr3tvalue"),
+    ("an authorization code in a callback URL", "https://c.example/cb?code=abcdefghijklmnop&state=1"),
+    ("a PKCE verifier", "code_verifier=abcdefghijklmnopqrstuvwxyz"),
+    ("a password assignment", "connect password=hunter2secret now"),
+    ("a secret: value line", "secret: s3cr3tvalue"),
+    ("a JSON refresh token", '{"refresh_token": "abcdefghijklmnop"}'),
+    ("a whole PEM key", "-----BEGIN PRIVATE KEY-----\nMIIEabcdefghijklmnop+/=\n-----END PRIVATE KEY-----"),
+    ("a basic credential", "Authorization: Basic aHVudGVyMnNlY3JldDp4"),
+    ("a GitLab token", "glpat-abcdefghijklmnopqrstu"),
+    ("a Stripe live key", "sk_live_abcdefghijklmnopqrstuv"),
+    ("an AWS session key id", "ASIAIOSFODNN7EXAMPLE"),
+    ("an Azure connection string", "DefaultEndpointsProtocol=https;AccountKey=hunter2secret+/==;x=y"),
 ]
 
 
@@ -38,7 +50,8 @@ def test_scrub_removes_every_kind_of_credential(what: str, secret: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["anonymous", "bench-echo", "tools/call", "http://127.0.0.1:8080/mcp/a",
-                                  "read_file", "policy denied: Unknown tool: delete_file"])
+                                  "read_file", "policy denied: Unknown tool: delete_file", "exit code 1 at 12:00",
+                                  "max_tokens=100", '{"error": {"code": -32000}}'])
 def test_scrub_leaves_ordinary_text_alone(text: str) -> None:
     assert scrub(text) == text
 
@@ -133,3 +146,27 @@ def test_scrub_text_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert redact.scrub_text(long_text) == long_text and long_text not in redact._MEMO
     assert redact.scrub_text("short") == "short"
     assert REDACTED in redact.scrub_text(f"Bearer {JWT}") and REDACTED in redact.scrub_text(f"Bearer {JWT}")
+
+
+def test_operator_fields_and_patterns_are_redacted_too() -> None:
+    from gateway.telemetry import redact
+
+    redact.configure(fields=("X-Tenant-Key",), patterns=(r"acme_[0-9a-f]{12}",))
+    try:
+        assert redact_value("x-tenant-key", "plain") == REDACTED
+        assert scrub("deploy with acme_0123456789ab please") == f"deploy with {REDACTED} please"
+        assert redact_processor(None, "info", {"event": "x", "note": "key acme_0123456789ab"})["note"] == f"key {REDACTED}"
+    finally:
+        redact.configure()
+    assert scrub("acme_0123456789ab") == "acme_0123456789ab"
+
+
+def test_a_bad_operator_pattern_is_a_config_error(tmp_path: Path) -> None:
+    from gateway.config.model import load_config
+    from gateway.errors import ConfigError
+
+    path = tmp_path / "g.yaml"
+    path.write_text("servers: {}\nlogging:\n  redact:\n    patterns: ['acme_(']\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(str(path))
+    assert any("logging.redact.patterns[0] is not a valid regular expression" in str(p) for p in raised.value.problems)

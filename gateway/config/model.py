@@ -70,6 +70,8 @@ class HttpConfig:
 class LoggingConfig:
     level: str = "info"
     audit: bool = True
+    redact_fields: tuple[str, ...] = ()      # extra field names whose values are secrets
+    redact_patterns: tuple[str, ...] = ()    # extra regexes of secret formats (operator's own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,9 +224,27 @@ def _http(r: Reader) -> HttpConfig:
 
 def _logging(r: Reader) -> LoggingConfig:
     sub = r.mapping("logging")
+    fields: tuple[str, ...] = ()
+    patterns: list[str] = []
+    if "redact" in sub.node:
+        red = sub.mapping("redact")
+        fields = red.str_list("fields")
+        for i, pattern in enumerate(red.str_list("patterns")):
+            if len(pattern) > 512:
+                red.error("patterns", f"logging.redact.patterns[{i}] is longer than 512 characters")
+                continue
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                red.error("patterns", f"logging.redact.patterns[{i}] is not a valid regular expression: {exc}")
+                continue
+            patterns.append(pattern)
+        red.done()
     cfg = LoggingConfig(
         level=sub.str("level", "info", choices=("debug", "info", "warning", "error")),
         audit=sub.bool("audit", True),
+        redact_fields=fields,
+        redact_patterns=tuple(patterns),
     )
     sub.done()
     return cfg

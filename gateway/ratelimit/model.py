@@ -22,6 +22,8 @@ spaced ``T = per / limit`` apart on average, and up to ``burst`` (default
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +69,16 @@ class Limit:
             return True
         return method is not None and any(g.regex.fullmatch(method) for g in self.methods)
 
+    def policy_name(self, window: Window | None) -> str:
+        """The policy item's name: the id, or ``<id>/<n>`` for the n-th of several windows
+        (each item of ``RateLimit-Policy`` needs its own name)."""
+        if window is None or len(self.windows) < 2:
+            return self.id
+        return f"{self.id}/{self.windows.index(window)}"
+
     def policy_header(self) -> str:
         """This limit's IETF ``RateLimit-Policy`` item(s)."""
-        return ", ".join(f'"{self.id}";q={w.limit};w={int(w.per) or 1}' for w in self.windows)
+        return ", ".join(f'"{self.policy_name(w)}";q={w.limit};w={math.ceil(w.per)}' for w in self.windows)
 
 
 def parse_limits(s: Reader, server: str) -> tuple[Limit, ...]:

@@ -112,7 +112,7 @@ class RateLimit:
             ex.audit["limit"] = f"refused:{lim.id}"
             retry = retry_seconds(verdict)
             headers = {"Retry-After": str(retry), "RateLimit-Policy": lim.policy_header() or f'"{lim.id}"',
-                       "RateLimit": f'"{lim.id}";r=0;t={retry}'}
+                       "RateLimit": f'"{lim.policy_name(verdict.window)}";r=0;t={retry}'}
             raise RateLimited(f"rate limit {lim.id} exceeded; retry in {retry} s", headers=headers,
                               data={"limit": lim.id, "retry_after": retry})
         for lim in limits:

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import structlog
 
+from . import redact
 from .redact import redact_processor
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -28,7 +29,10 @@ def _render(_logger: Any, _name: str, event: dict[str, Any]) -> bytes:
     return orjson.dumps(event, default=str)
 
 
-def configure_logging(level: str = "info", stream: Any = None) -> None:
+def configure_logging(level: str = "info", cfg: Any = None, stream: Any = None) -> None:
+    """``cfg``: the config's ``logging`` section (its ``redact`` additions), when there is one."""
+    if cfg is not None:
+        redact.configure(cfg.redact_fields, cfg.redact_patterns)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
