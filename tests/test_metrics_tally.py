@@ -113,3 +113,14 @@ def test_a_new_metric_never_gets_the_bound_children_of_a_dead_one() -> None:
         assert reg.get_sample_value(f"t_bound_{i}", {"server": "a"}) == i + 1
         reg.unregister(gauge)
         del gauge
+
+
+def test_no_created_series_are_exported() -> None:
+    from prometheus_client import generate_latest
+
+    import gateway.telemetry.metrics as m
+
+    m.BOUND.get(m.REQUESTS, "s", "tools/call", "200").inc()
+    text = generate_latest().decode()
+    assert "mcpgw_requests_total" in text
+    assert "_created" not in text

@@ -19,9 +19,12 @@ import asyncio
 from bisect import bisect_left
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 from .. import __version__
+
+# No ``*_created`` series: they double every counter's series count, and dashboards use rate().
+disable_created_metrics()
 
 KNOWN_METHODS = frozenset({
     "initialize", "ping", "server/discover", "subscriptions/listen",
