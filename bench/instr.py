@@ -48,12 +48,13 @@ import yaml
 from .issuer import LocalIssuer
 from .mcp import McpSession, request_headers
 from .procs import free_port
-from .targets import POLICY, SERVER_NAME
+from .targets import LIMITS, POLICY, SERVER_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 ALLOW_ALL = {"servers": {"*": {"default": "allow", "destructive": "allow",
                                "methods": [{"id": "all", "match": ["**"]}]}}}
-TARGETS = ("bare", "bare-token", "gateway", "gateway-allow", "gateway-jwt")
+TARGETS = ("bare", "bare-token", "gateway", "gateway-allow", "gateway-jwt", "gateway-redis", "gateway-redis-limits")
+REDIS: dict[str, str] = {}      # "url" once main_async started a redis-server for the *-redis* targets
 
 
 async def _read_line(proc: asyncio.subprocess.Process, prefix: str, timeout: float) -> str:
@@ -152,6 +153,12 @@ def _gateway_config(work: Path, upstream: str, kind: str, issuer: LocalIssuer | 
     if kind == "gateway-jwt":
         assert issuer is not None
         cfg["auth"] = {"issuers": [{"issuer": issuer.issuer, "jwks_uri": issuer.jwks_uri}]}
+    if "redis" in kind:
+        cfg["store"] = {"url": REDIS["url"], "prefix": f"instr:{os.getpid()}:{kind}:"}
+    if kind.endswith("-limits"):
+        policy = work / "policy-limits.yaml"
+        policy.write_text(POLICY.read_text().replace("    default: deny\n", "    default: deny\n" + LIMITS.lstrip("\n"), 1))
+        cfg["policies"] = str(policy)
     (work / "pins").mkdir(exist_ok=True)
     path = work / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -289,9 +296,20 @@ async def main_async(args: argparse.Namespace) -> None:
     up = await asyncio.create_subprocess_exec(args.python, "-m", "bench.upstream", "--port", "0", cwd=ROOT,
                                               stdout=asyncio.subprocess.PIPE)
     issuer = None
+    redis = None
     results = []
     try:
         upstream = f"http://127.0.0.1:{json.loads(await _read_line(up, 'BENCH_READY ', 60))['port']}"
+        if any("redis" in t for t in args.targets):
+            port = free_port()
+            redis = await asyncio.create_subprocess_exec(
+                "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                stdout=asyncio.subprocess.PIPE)
+            assert redis.stdout is not None
+            while b"eady to accept connections" not in await asyncio.wait_for(redis.stdout.readline(), 30):
+                if redis.returncode is not None:
+                    raise RuntimeError("redis-server exited before it was ready")
+            REDIS["url"] = f"redis://127.0.0.1:{port}/0"
         if "gateway-jwt" in args.targets or "bare-token" in args.targets:
             issuer = await LocalIssuer.start()
         for kind in args.targets:
@@ -311,6 +329,9 @@ async def main_async(args: argparse.Namespace) -> None:
     finally:
         if issuer is not None:
             await issuer.close()
+        if redis is not None:
+            redis.send_signal(signal.SIGTERM)
+            await redis.wait()
         up.send_signal(signal.SIGTERM)
         await up.wait()
     base = next((r for r in results if r["target"] == "bare"), None)

@@ -168,62 +168,69 @@ class _Renewer:
 # ARGV[2]: lease seconds, ARGV[3]: D, the number of rate windows the batch uses, then D
 # descriptors "key# interval_us tolerance_us cost", then per request: n, then n checks, each
 # either a descriptor # (a rate window) or "c key# cap lease_id" (a concurrency cap).
-# Returns per request {allowed, failed_check#, retry_us, remaining}.  A window repeated in a
+# Returns, flat, four numbers per request: allowed, failed_check#, retry_us, remaining.  A window repeated in a
 # batch (the same caller, a global limit) is described once, read once and written once.
 _SCRIPT = """
+local A = ARGV
+local nargs = #A
 local now
-if ARGV[1] ~= '' then now = tonumber(ARGV[1]) else
+if A[1] ~= '' then now = tonumber(A[1]) else
   local t = redis.call('TIME'); now = tonumber(t[1]) * 1000000 + tonumber(t[2]) end
-local lease_us = tonumber(ARGV[2]) * 1000000
-local d = tonumber(ARGV[3])
-local wk, wint, wtol, wcost, tats = {}, {}, {}, {}, {}
+local lease_us = tonumber(A[2]) * 1000000
+local d = tonumber(A[3])
+local wk, wint, wtol, wcost, tats, dirty = {}, {}, {}, {}, {}, {}
 for j = 1, d do
   local b = 4 * j
-  wk[j] = tonumber(ARGV[b]); wint[j] = tonumber(ARGV[b + 1])
-  wtol[j] = tonumber(ARGV[b + 2]); wcost[j] = tonumber(ARGV[b + 3])
+  wk[j] = tonumber(A[b]); wint[j] = tonumber(A[b + 1]); wtol[j] = tonumber(A[b + 2]); wcost[j] = tonumber(A[b + 3])
 end
-local dirty = {}
 local out = {}
+local pk, pt = {}, {}        -- this request's pending window writes (key#, new TAT), reused
 local i = 4 * d + 4
-while i <= #ARGV do
-  local n = tonumber(ARGV[i]); i = i + 1
-  local ok, failed, retry, remaining = 1, 0, 0, -1
-  local writes = {}
+while i <= nargs do
+  local n = tonumber(A[i]); i = i + 1
+  local ok, failed, retry, remaining, np = 1, 0, 0, -1, 0
+  local leases = nil
   for c = 1, n do
-    local a = ARGV[i]
+    local a = A[i]
     if a ~= 'c' then
-      local j = tonumber(a); local k = wk[j]; local interval = wint[j]; local tol = wtol[j]
+      local j = tonumber(a); local k = wk[j]; local interval = wint[j]
       local tat = tats[k]
       if tat == nil then tat = tonumber(redis.call('GET', KEYS[k]) or '0'); tats[k] = tat end
       if tat < now then tat = now end
       local new_tat = tat + wcost[j] * interval
       local ahead = new_tat - now
+      local tol = wtol[j]
       if ahead > tol then
         if ok == 1 then ok = 0; failed = c; retry = ahead - tol; remaining = 0 end
-      else
+      elseif ok == 1 then
         local left = math.floor((tol - ahead) / interval)
         if remaining < 0 or left < remaining then remaining = left end
-        writes[#writes + 1] = {k, new_tat}
+        np = np + 1; pk[np] = k; pt[np] = new_tat
       end
       i = i + 1
     else
-      local key = KEYS[tonumber(ARGV[i + 1])]; local cap = tonumber(ARGV[i + 2]); local lease = ARGV[i + 3]
+      local key = KEYS[tonumber(A[i + 1])]
       redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-      if redis.call('ZCARD', key) >= cap then
+      if redis.call('ZCARD', key) >= tonumber(A[i + 2]) then
         if ok == 1 then ok = 0; failed = c; retry = 1000000; remaining = 0 end
-      else
-        writes[#writes + 1] = {key, lease}
+      elseif ok == 1 then
+        leases = leases or {}
+        leases[#leases + 1] = key; leases[#leases + 1] = A[i + 3]
       end
       i = i + 4
     end
   end
   if ok == 1 then
-    for _, w in ipairs(writes) do
-      if type(w[1]) == 'number' then tats[w[1]] = w[2]; dirty[w[1]] = true
-      else redis.call('ZADD', w[1], now + lease_us, w[2]); redis.call('PEXPIRE', w[1], math.ceil(lease_us / 1000)) end
+    for p = 1, np do tats[pk[p]] = pt[p]; dirty[pk[p]] = true end
+    if leases then
+      for p = 1, #leases, 2 do
+        redis.call('ZADD', leases[p], now + lease_us, leases[p + 1])
+        redis.call('PEXPIRE', leases[p], math.ceil(lease_us / 1000))
+      end
     end
   end
-  out[#out + 1] = {ok, failed, math.ceil(retry), remaining}
+  local o = #out
+  out[o + 1] = ok; out[o + 2] = failed; out[o + 3] = math.ceil(retry); out[o + 4] = remaining
 end
 for k in pairs(dirty) do
   local tat = tats[k]
@@ -355,7 +362,8 @@ class RedisLimiter:
                 if not fut.done():
                     fut.set_exception(LimitStoreError("limit store unavailable"))
             return
-        for (checks, fut), plan, (ok, failed, retry_us, remaining) in zip(batch, plans, results):
+        quads = zip(results[0::4], results[1::4], results[2::4], results[3::4])
+        for (checks, fut), plan, (ok, failed, retry_us, remaining) in zip(batch, plans, quads):
             if fut.done():
                 continue
             if ok:
