@@ -88,7 +88,8 @@ class Exchange:
         "body", "message", "rpc_id", "method", "name", "arguments", "is_request",
         "session", "upstream_session_id", "response_hooks", "audit", "audit_safe", "status",
         "outcome", "reason", "upstream_status", "extra_upstream_headers", "response_headers",
-        "origin", "answered", "replay", "upstream_last_event_id", "final", "finishers",
+        "origin", "answered", "replay", "upstream_last_event_id", "final", "finishers", "trace",
+        "upstream_sent", "upstream_wait",
     )
 
     def __init__(self, request: "web.Request", server: "ServerConfig") -> None:
@@ -132,6 +133,12 @@ class Exchange:
         self.final: "web.StreamResponse | None" = None
         # Called once when the exchange ends, however it ends (stream end, client gone, error).
         self.finishers: list[Callable[["Exchange"], None]] | None = None
+        # W3C trace context (telemetry.tracing) when the request carries one or starts one.
+        self.trace: Any = None
+        # perf_counter when the request went to the upstream (0: it never did), and how long
+        # the upstream took to answer with its status and headers.
+        self.upstream_sent = 0.0
+        self.upstream_wait = 0.0
 
 
 class Stage(Protocol):

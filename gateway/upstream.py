@@ -13,6 +13,7 @@ JSON-RPC error event.  This module imports neither the store nor the policy.
 from __future__ import annotations
 
 import asyncio
+import time
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -43,9 +44,10 @@ log = structlog.get_logger("gateway.upstream")
 # client's credentials and cookies, hop-by-hop headers, the session id and Last-Event-ID
 # (the gateway sends its own translations), identity headers, is never forwarded.
 # servers.<name>.forward_headers adds names per server.
+# traceparent/tracestate are not relayed: telemetry.tracing checks them and sends the
+# gateway's own (same trace, the gateway's span as parent).
 FORWARDED = frozenset({
     "content-type", "accept", "mcp-protocol-version", "mcp-method", "mcp-name", "user-agent",
-    "traceparent", "tracestate",
 })
 _PARAM_PREFIX = "mcp-param-"
 # Never relayed to the client: hop-by-hop, the upstream's own session id (the
@@ -205,7 +207,9 @@ class Forwarder:
             # A client's answer to a server request may go twice (see upstream_http.py).
             msg = ex.message
             answer = ex.method is None and isinstance(msg, dict) and ("result" in msg or "error" in msg)
+            ex.upstream_sent = sent = time.perf_counter()
             resp = await pool.request(ex.request.method, headers, ex.body, replayable=answer)
+            ex.upstream_wait = time.perf_counter() - sent
         except UnsafeHeader as exc:
             # Only gateway-made headers can hold CR/LF (client headers were parsed by llhttp):
             # a configured credential, or a token an authorization server issued.

@@ -91,6 +91,7 @@ limits:
   read_timeout: 5m
   max_connections_per_server: 128
 logging: {level: debug, audit: false, redact: {fields: [x-tenant-key], patterns: ["acme_[0-9a-f]{12}"]}}
+tracing: {otlp_endpoint: "http://127.0.0.1:4318/v1/traces", service_name: gw, start_traces: true}
 shutdown_grace: 10s
 policies: policies
 pins: pins
@@ -416,7 +417,7 @@ def test_the_curated_configs_use_every_credential_kind_and_both_auth_modes() -> 
 
 UNKNOWN_KEY_SECTIONS = [
     "", "listen", "admin", "store", "auth", "auth.issuers[0]", "auth.issuers[1]",
-    "auth.issuers[0].introspection", "http", "limits", "logging", "logging.redact",
+    "auth.issuers[0].introspection", "http", "limits", "logging", "logging.redact", "tracing",
     "servers.static", "servers.static.credentials", "servers.static.auth", "servers.static.pinning",
     "servers.static.pinning.findings", "servers.m2m.credentials",
     "servers.m2m.credentials.client_credentials", "servers.obo.credentials",

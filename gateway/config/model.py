@@ -75,6 +75,14 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    otlp_endpoint: str | None = None     # OTLP/HTTP JSON traces endpoint; None: no export
+    service_name: str = "mcp-gateway"
+    start_traces: bool = False           # start a trace for requests that carry no traceparent
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     name: str
     url: str
@@ -110,6 +118,7 @@ class Config:
     pinning_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     shutdown_delay: float = 5.0    # SIGTERM: /readyz unready, still accepting, for this long
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -222,6 +231,21 @@ def _http(r: Reader) -> HttpConfig:
                       tuple(proxies))
 
 
+def _tracing(r: Reader) -> TracingConfig:
+    if "tracing" not in r.node:
+        r.seen.add("tracing")
+        return TracingConfig()
+    sub = r.mapping("tracing")
+    endpoint = sub.str("otlp_endpoint")
+    if endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", endpoint):
+        sub.error("otlp_endpoint", f"tracing.otlp_endpoint must be an http(s) URL; got {endpoint!r}")
+        endpoint = None
+    cfg = TracingConfig(otlp_endpoint=endpoint, service_name=sub.str("service_name", "mcp-gateway") or "mcp-gateway",
+                        start_traces=sub.bool("start_traces", False))
+    sub.done()
+    return cfg
+
+
 def _logging(r: Reader) -> LoggingConfig:
     sub = r.mapping("logging")
     fields: tuple[str, ...] = ()
@@ -295,7 +319,7 @@ _NOT_FORWARDABLE = frozenset({
     "authorization", "cookie", "host", "content-length", "transfer-encoding", "connection", "upgrade",
     "mcp-session-id", "last-event-id", "origin", "forwarded", "x-forwarded-for", "x-forwarded-host",
     "x-forwarded-proto", "proxy-authorization", "te", "trailer", "keep-alive", "expect",
-    "content-encoding", "accept-encoding",
+    "content-encoding", "accept-encoding", "traceparent", "tracestate",
 })
 _TOKEN = re.compile(r"[!#$%&'*+.^`|~0-9A-Za-z-]{1,64}")
 
@@ -333,6 +357,7 @@ def parse_config(node: Any, path: str, problems: list[Problem], *, check_secrets
     limits = _limits(r)
     http = _http(r)
     logging_cfg = _logging(r)
+    tracing = _tracing(r)
     auth = parse_auth(r, ctx, listen)
     shutdown_grace = r.duration("shutdown_grace", 30.0)
     shutdown_delay = r.duration("shutdown_delay", 5.0, min=0.0)
@@ -352,7 +377,7 @@ def parse_config(node: Any, path: str, problems: list[Problem], *, check_secrets
         path=path, listen=listen, admin=admin, public_url=public_url, public_host=public_host,
         store=store, auth=auth, http=http, limits=limits, logging=logging_cfg,
         shutdown_grace=shutdown_grace, shutdown_delay=shutdown_delay, servers=servers, policies_path=policies_path,
-        pinning_dir=pins_dir if pins_dir is not None else _default_pins_dir(policies_path),
+        pinning_dir=pins_dir if pins_dir is not None else _default_pins_dir(policies_path), tracing=tracing,
     )
 
 

@@ -17,6 +17,13 @@ POLICY_DECISIONS = Counter(
     ["server", "effect", "reason"],
 )
 DECISIONS_TALLY = Tally(POLICY_DECISIONS)   # (server, effect, reason): counted on every call
+TOOL_CALLS = Counter(
+    "mcpgw_tool_calls_total",
+    "tools/call decisions by server, tool and effect. The tool label is a tool the server listed "
+    "(at most limits.max_tools_per_page per server, redacted) or 'other' for names it never listed.",
+    ["server", "tool", "effect"],
+)
+TOOL_CALLS_TALLY = Tally(TOOL_CALLS)        # (server, tool label, effect)
 POLICY_HIDDEN = Counter(
     "mcpgw_policy_hidden_items_total",
     "Tools, resources, templates and prompts removed from list results for the caller, by server.",

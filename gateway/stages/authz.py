@@ -28,10 +28,11 @@ from ..errors import GatewayError, InsufficientScope, PolicyDenied
 from ..inspect.catalog import ToolCatalog
 from ..policy.decide import ALLOWED, ANY, STEP_UP, UNKNOWN, Decision, decide, decide_template
 from ..policy.load import load_policies_strict
-from ..policy.metrics import DECISIONS_TALLY, POLICY_HIDDEN
+from ..policy.metrics import DECISIONS_TALLY, POLICY_HIDDEN, TOOL_CALLS_TALLY
 from ..policy.model import EMPTY, METHODS, PROMPTS, RESOURCES, TOOLS, PolicySet
 from ..policy.reload import PolicyHolder, PolicyWatcher
 from ..telemetry.metrics import BOUND
+from ..telemetry.redact import scrub_text
 
 if TYPE_CHECKING:
     from ..config.model import Config
@@ -57,6 +58,7 @@ LISTS = {
     "prompts/list": ("prompts", "name", PROMPTS),
 }
 _DECISIONS = DECISIONS_TALLY.pending
+_TOOL_CALLS = TOOL_CALLS_TALLY.pending
 # What the caller is told: the same words an MCP server uses for a name it does not know.
 _UNKNOWN = {TOOLS: "Unknown tool: {}", RESOURCES: "Resource not found: {}", PROMPTS: "Unknown prompt: {}",
             METHODS: "Method not found: {}"}
@@ -178,6 +180,19 @@ class Authz:
         if d.reason == "arguments_invalid":
             raise PolicyDenied(f"Invalid arguments for {name}: {d.detail}")
         raise PolicyDenied(_UNKNOWN[kind].format(name))
+
+    def count_call(self, ex: "Exchange") -> None:
+        """When an exchange ends: count a decided tools/call per tool.  At the end, not at the
+        decision, so a tool pinning fetched for this very call is already in the catalog.
+        A label per tool the server listed, 'other' for the rest: a client cycling through
+        names cannot grow the series."""
+        safe = ex.audit_safe
+        if safe is None or ex.method != "tools/call":
+            return
+        server, name = ex.server.name, ex.name or ""
+        label = scrub_text(name) if name in self.catalog.server(server).tools else "other"
+        key = (server, label, safe["decision"])
+        _TOOL_CALLS[key] = _TOOL_CALLS.get(key, 0) + 1
 
     def _record(self, ex: "Exchange", d: Decision, policies: PolicySet) -> None:
         # Closed sets only (effects, reasons, and rule ids and scopes from the policy

@@ -114,6 +114,11 @@ def finish(ex: "Exchange", enabled: bool = True, client: str = "") -> None:
         "client_id": p.client_id and (memo(p.client_id) or scrub_text(p.client_id)),
         "duration_ms": int(elapsed * 1e6) / 1000,     # microsecond resolution
     }
+    if ex.upstream_sent:
+        # Before the upstream (the gateway's stages) and the upstream's time to answer
+        # (status and headers); the rest of duration_ms is relaying the body or stream.
+        fields["gateway_ms"] = int((ex.upstream_sent - ex.started) * 1e6) / 1000
+        fields["upstream_ms"] = int(ex.upstream_wait * 1e6) / 1000
     if method is not None:
         fields["method"] = memo(method) or scrub_text(method)
     if ex.name is not None:
@@ -124,6 +129,8 @@ def finish(ex: "Exchange", enabled: bool = True, client: str = "") -> None:
         fields["upstream_status"] = ex.upstream_status
     if ex.session is not None:
         fields["session"] = ex.session.short
+    if ex.trace is not None:
+        fields["trace_id"] = ex.trace.trace_id        # 32 lower-case hex digits, checked by the parser
     if ex.audit_safe is not None:
         fields.update(ex.audit_safe)
     if ex.audit:

@@ -1,0 +1,88 @@
+"""Metric values after known traffic, in one process and with ``--workers 2`` (#11).
+
+Seven allowed ``echo`` calls, three calls of the listed but denied ``add`` and four of a
+name the server never listed: the per-tool series count each with its effect (unlisted
+names share ``tool="other"``), the decisions, requests and duration histograms add up,
+and the audit records carry the durations split (gateway before the upstream, upstream
+to its answer).  With two workers the shared multiprocess files give the same sums.
+"""
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.components import Upstream
+from tests.support.gw_helpers import modern_headers, modern_params, rpc, start_gateway_argv
+from tests.test_workers_metrics import sample, scrape, wait_for
+
+POLICY = """\
+servers:
+  up:
+    default: deny
+    tools:
+      - {id: echo-ok, match: echo, destructive: allow}
+"""
+
+
+def _call(port: int, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """One modern tools/call on a fresh connection (so the kernel spreads them over workers)."""
+    body = json.dumps(rpc("tools/call", modern_params({"name": name, "arguments": args}))).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/mcp/up", data=body, method="POST", headers={
+        **modern_headers("tools/call", name), "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream", "Connection": "close"})
+    with urllib.request.urlopen(req, timeout=15) as resp:
+        text = resp.read().decode()
+    data = text if not text.startswith(("event:", "id:", "data:", ":")) else \
+        next(line[5:] for line in text.splitlines() if line.startswith("data:") and '"id"' in line)
+    return json.loads(data)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_per_tool_and_request_metrics_add_up_after_known_traffic(
+        upstream: Any, redis_store: dict[str, str], tmp_path: Path, workers: int) -> None:
+    up: Upstream = upstream(json_response=True)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "up.yaml").write_text(POLICY)
+    # Pinning on (tofu): each worker fetches the server's tools before its first call, so the
+    # tool label knows them whichever worker a connection lands on.
+    cfg_in: dict[str, Any] = {"servers": {"up": {"url": up.url, "pinning": {"mode": "tofu"}}},
+                              "policies": str(tmp_path / "p"), "pins": str(tmp_path / "pins")}
+    if workers > 1:
+        cfg_in["store"] = redis_store
+    proc, cfg = start_gateway_argv(tmp_path, cfg_in, ["--workers", str(workers)] if workers > 1 else [])
+    port = cfg["listen"]["port"]
+    try:
+        for i in range(7):
+            assert "result" in _call(port, "echo", {"text": f"hi {i}"})
+        for _ in range(3):
+            assert "error" in _call(port, "add", {"a": 1, "b": 2})
+        for i in range(4):
+            assert "error" in _call(port, f"never-listed-{i}", {})
+
+        def settled() -> str | None:
+            text = scrape(cfg)
+            done = sample(text, "mcpgw_tool_calls_total", 'effect="allow",server="up",tool="echo"') == 7 and \
+                sample(text, "mcpgw_tool_calls_total", 'effect="deny",server="up",tool="other"') == 4
+            return text if done else None
+
+        text = wait_for(settled, 15, "the tool-call series")     # workers flush once a second
+        assert sample(text, "mcpgw_tool_calls_total", 'effect="deny",server="up",tool="add"') == 3
+        allowed = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("mcpgw_policy_decisions_total{") and 'effect="allow"' in line)
+        assert allowed == 7
+        calls = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith('mcpgw_requests_total{') and 'method="tools/call"' in line)
+        assert calls == 14
+        assert sample(text, "mcpgw_request_duration_seconds_count", 'server="up"') >= 14
+        assert "_created" not in text
+        records = [json.loads(line) for line in proc.lines() if '"mcp.request"' in line]
+        echo = [r for r in records if r.get("target") == "echo"]
+        assert len(echo) == 7
+        for r in echo:                       # the durations split: stages, then the upstream's answer
+            assert 0 <= r["gateway_ms"] <= r["duration_ms"] and 0 < r["upstream_ms"] <= r["duration_ms"]
+    finally:
+        proc.stop()
