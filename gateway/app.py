@@ -53,6 +53,7 @@ from .stages.pinning import make_pinning
 from .stages.scopes import Scopes
 from .pipeline import Exchange, checker
 from .ratelimit.limiter import make_limiter
+from .stages.mask import Mask
 from .stages.ratelimit import RateLimit
 from .stages.session import Session
 from .stages.stream import EventIds, Stream
@@ -100,6 +101,9 @@ class Gateway:
             Parse(config),
             session,
             self.stream,
+            # Registered before the other stages' response hooks, so it runs after them:
+            # masking is the last change to a message on its way to the client.
+            Mask(config),
         ]
         if (scopes := Scopes.make(config)) is not None:
             stages.append(scopes)                 # mount-wide scopes: cheapest refusal first
@@ -115,6 +119,7 @@ class Gateway:
         # every exchange starts anonymous) is left out of the request path.
         self._checks = tuple(checker(stage) for stage in self.stages if not getattr(stage, "idle", False))
         self._audit = config.logging.audit
+        self._log_args = config.logging.log_arguments
         self._client = ClientAddress(config.http.trusted_proxies)
         self.tracer = Tracer(config.tracing)
         # Spans name the stages on the request path (see telemetry.tracing).
@@ -208,7 +213,7 @@ class Gateway:
                 for finish in ex.finishers:
                     finish(ex)
             self._count_call(ex)
-            audit.finish(ex, self._audit, self._client.of(ex.request) if self._audit else "")
+            audit.finish(ex, self._audit, self._client.of(ex.request) if self._audit else "", self._log_args)
             if trace is not None:
                 self.tracer.end(ex, trace)
 
@@ -291,10 +296,12 @@ async def serve(config: Config, *, reuse_port: bool = False, ready: asyncio.Even
             pass
 
     def reload_files() -> None:
-        """SIGHUP: every stage with a reload() re-reads its files now (policies, pin lock files)."""
+        """SIGHUP: every stage with a reload() re-reads its files now (policies, pin lock files),
+        and the audit file is reopened (log rotation)."""
         for stage in gw.stages:
             if hasattr(stage, "reload"):
                 stage.reload()
+        audit.WRITER.reopen()
 
     try:
         loop.add_signal_handler(signal.SIGHUP, reload_files)

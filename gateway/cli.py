@@ -167,6 +167,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
         return _run_workers(args, args.workers)
     configure_logging(config.logging.level, config.logging)
+    if config.logging.audit_file is not None:
+        from .telemetry import audit
+        try:
+            audit.WRITER.open_file(config.logging.audit_file)
+        except OSError as exc:
+            import structlog
+            structlog.get_logger("gateway").error(
+                "gateway.start_failed", reason="audit_file_unwritable", path=config.logging.audit_file,
+                detail=exc.strerror or type(exc).__name__)
+            return 2
     return _run_one(config, reuse_port=args.reuse_port or args.workers > 1)
 
 

@@ -90,7 +90,7 @@ limits:
   connect_timeout: 5s
   read_timeout: 5m
   max_connections_per_server: 128
-logging: {level: debug, audit: false, redact: {fields: [x-tenant-key], patterns: ["acme_[0-9a-f]{12}"]}}
+logging: {level: debug, audit: false, audit_file: audit.jsonl, log_arguments: true, redact: {fields: [x-tenant-key], patterns: ["acme_[0-9a-f]{12}"]}}
 tracing: {otlp_endpoint: "http://127.0.0.1:4318/v1/traces", service_name: gw, start_traces: true}
 shutdown_grace: 10s
 policies: policies

@@ -27,7 +27,7 @@ from tests.support.gw_helpers import http_client, initialize, post, rpc, with_po
 # Each canary has a unique core (CANARY + a number) wrapped in a format the redactor must know.
 CANARIES = {
     "github": "ghp_CANARY01abcdefghijklmnopqrstuvwxyz",
-    "aws": "AKIACANARY02EXAMPL",
+    "aws": "AKIACANARY02EXAMPLE0",
     "slack": "xoxb-CANARY03-abcdefghij",
     "openai": "sk-CANARY04abcdefghijklmnopqrst",
     "url_password": "postgres://app:CANARY05pass@db.internal:5432/x",
@@ -46,6 +46,8 @@ POLICY = """\
 servers:
   up: {default: allow, destructive: allow, methods: [{id: any, match: ["**"]}]}
   evil: {default: allow, destructive: allow, methods: [{id: any-evil, match: ["**"]}]}
+  masked: {default: allow, destructive: allow, methods: [{id: any-masked, match: ["**"]}]}
+  evil-masked: {default: allow, destructive: allow, methods: [{id: any-evil-masked, match: ["**"]}]}
   strict:
     default: deny
     tools:
@@ -94,6 +96,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "auth": {"issuers": [issuer]},
             "servers": {"up": {"url": up.url, "auth": {"issuers": [idp.issuer]}},
                         "strict": {"url": up.url, "auth": {"issuers": [idp.issuer]}},
+                        "masked": {"url": up.url, "auth": {"issuers": [idp.issuer]}, "mask_secrets": True},
+                        "evil-masked": {"url": evil.url, "pinning": {"mode": "off"}, "auth": {"issuers": [idp.issuer]},
+                                        "mask_secrets": ["safe_*"]},
                         "evil": {"url": evil.url, "pinning": {"mode": "off"}, "auth": {"issuers": [idp.issuer]}}},
             "logging": {"level": "debug"},
             "policies": str(_policies(work)),
@@ -195,3 +200,26 @@ async def test_planted_secrets_never_reach_logs_metrics_or_error_bodies(stack: S
     hits |= {(where, "token") for where, text in outputs.items() for t in tokens
              for part in {t, *[p for p in t.split(".") if len(p) > 16]} if part in text}
     assert not hits, f"planted secrets found: {sorted(hits)}"
+
+
+async def test_masking_removes_secrets_from_tool_results_and_upstream_errors(stack: Stack) -> None:
+    s = stack
+    async with http_client() as client:
+        auth = {"Authorization": f"Bearer {_token(s, 'masked')}"}
+        sid, _ = await initialize(client, s.gw.url("masked"), auth)
+        text = " ".join(CANARIES.values())
+        r = await post(client, s.gw.url("masked"), rpc("tools/call", {"name": "echo", "arguments": {"text": text}}),
+                       auth, session_id=sid)
+        (result,) = [m for m in r.messages if "result" in m]
+        echoed = result["result"]["content"][0]["text"]
+        assert "[REDACTED]" in echoed and not [c for c in CORES if c in echoed], echoed
+        auth = {"Authorization": f"Bearer {_token(s, 'evil-masked')}"}
+        sid, _ = await initialize(client, s.gw.url("evil-masked"), auth)
+        r = await post(client, s.gw.url("evil-masked"),
+                       rpc("tools/call", {"name": "safe_tool", "arguments": {}}), auth, session_id=sid)
+        (error,) = [m for m in r.messages if "error" in m]
+        assert error["error"]["code"] == -32603 and not [c for c in CORES if c in json.dumps(error)], error
+    for server in ("masked", "evil-masked"):
+        record = s.gw.wait_for_log(lambda e, server=server: e.get("event") == "mcp.request"
+                                   and e.get("server") == server and e.get("method") == "tools/call")
+        assert record["masked"] >= 3, record

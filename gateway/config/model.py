@@ -72,6 +72,8 @@ class LoggingConfig:
     audit: bool = True
     redact_fields: tuple[str, ...] = ()      # extra field names whose values are secrets
     redact_patterns: tuple[str, ...] = ()    # extra regexes of secret formats (operator's own)
+    audit_file: str | None = None            # audit records go here (reopened on SIGHUP), else stdout
+    log_arguments: bool = False              # debug: tool arguments (redacted) in the audit record
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,7 @@ class ServerConfig:
     max_connections: int = 256
     pool_timeout: float = 10.0
     forward_headers: frozenset[str] = frozenset()   # lower-case names forwarded besides the built-in allow-list
+    mask_secrets: tuple[Any, ...] | None = None     # tool globs whose results are masked (None: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +249,7 @@ def _tracing(r: Reader) -> TracingConfig:
     return cfg
 
 
-def _logging(r: Reader) -> LoggingConfig:
+def _logging(r: Reader, base_dir: str) -> LoggingConfig:
     sub = r.mapping("logging")
     fields: tuple[str, ...] = ()
     patterns: list[str] = []
@@ -264,9 +267,14 @@ def _logging(r: Reader) -> LoggingConfig:
                 continue
             patterns.append(pattern)
         red.done()
+    audit_file = sub.str("audit_file")
+    if audit_file is not None and not os.path.isabs(audit_file):
+        audit_file = os.path.normpath(os.path.join(base_dir, audit_file))
     cfg = LoggingConfig(
         level=sub.str("level", "info", choices=("debug", "info", "warning", "error")),
         audit=sub.bool("audit", True),
+        audit_file=audit_file,
+        log_arguments=sub.bool("log_arguments", False),
         redact_fields=fields,
         redact_patterns=tuple(patterns),
     )
@@ -306,6 +314,7 @@ def _servers(r: Reader, public_url: str, limits: Limits, ctx: dict[str, Any]) ->
             max_connections=s.int("max_connections", limits.max_connections_per_server, min=1),
             pool_timeout=s.duration("pool_timeout", limits.pool_timeout, min=0.001),
             forward_headers=_forward_headers(s),
+            mask_secrets=_mask_secrets(s),
         )
         s.done()
         servers[name] = server
@@ -322,6 +331,21 @@ _NOT_FORWARDABLE = frozenset({
     "content-encoding", "accept-encoding", "traceparent", "tracestate",
 })
 _TOKEN = re.compile(r"[!#$%&'*+.^`|~0-9A-Za-z-]{1,64}")
+
+
+def _mask_secrets(s: Reader) -> tuple[Any, ...] | None:
+    """``servers.<name>.mask_secrets``: true (every tool) or a list of tool-name globs."""
+    from ..policy.glob import compile_glob
+
+    if "mask_secrets" not in s.node:
+        s.seen.add("mask_secrets")
+        return None
+    value = s.node["mask_secrets"]
+    if value is True or value is False:
+        s.seen.add("mask_secrets")
+        return (compile_glob("*"),) if value else None
+    globs = s.str_list("mask_secrets")
+    return tuple(compile_glob(g) for g in globs) or None
 
 
 def _forward_headers(s: Reader) -> frozenset[str]:
@@ -356,7 +380,7 @@ def parse_config(node: Any, path: str, problems: list[Problem], *, check_secrets
     store = _store(r)
     limits = _limits(r)
     http = _http(r)
-    logging_cfg = _logging(r)
+    logging_cfg = _logging(r, ctx["base_dir"])
     tracing = _tracing(r)
     auth = parse_auth(r, ctx, listen)
     shutdown_grace = r.duration("shutdown_grace", 30.0)

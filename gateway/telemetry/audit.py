@@ -17,12 +17,15 @@ instead of one syscall each.  The output format is the one
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import sys
 import time
 from bisect import bisect_left
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
+import structlog
 
 from .metrics import DURATION_TALLY, INFLIGHT_LEVEL, KNOWN_METHODS, REQUESTS_TALLY
 from .redact import _MEMO, redact_value, scrub_text
@@ -32,12 +35,39 @@ if TYPE_CHECKING:
 
 
 class AuditWriter:
-    """Batches audit lines and writes them at the end of the loop iteration."""
+    """Batches audit lines and writes them at the end of the loop iteration.
+
+    To stdout by default; to ``logging.audit_file`` when configured, appended and
+    reopened by ``reopen`` (SIGHUP), so logrotate can move the file away.
+    """
 
     def __init__(self, stream: IO[bytes] | None = None) -> None:
         self._stream = stream
+        self._path: str | None = None
         self._lines: list[bytes] = []
         self._scheduled = False
+
+    def open_file(self, path: str) -> None:
+        """Send the records to ``path`` (appended; created 0600 if missing).  Raises OSError."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        old, self._stream, self._path = self._stream, os.fdopen(fd, "ab"), path
+        if old is not None and self._path is not None and old is not sys.stdout.buffer:
+            old.close()
+
+    def reopen(self) -> None:
+        """SIGHUP: open the audit file anew (logrotate moved it); keep the old one on failure."""
+        if self._path is None:
+            return
+        self.flush()
+        old = self._stream
+        try:
+            self.open_file(self._path)
+        except OSError as exc:
+            structlog.get_logger("gateway.audit").error("audit.reopen_failed", path=self._path,
+                                                        error=exc.strerror or type(exc).__name__)
+            return
+        if old is not None:
+            old.close()
 
     def write(self, line: bytes) -> None:
         self._lines.append(line)
@@ -59,7 +89,7 @@ class AuditWriter:
             stream.write(data)
             stream.flush()
         except (OSError, ValueError):
-            pass  # stdout gone (closed pipe at shutdown): nothing left to tell
+            pass  # stdout gone (closed pipe at shutdown) or a full disk: nothing left to tell
 
 
 WRITER = AuditWriter()
@@ -76,7 +106,7 @@ def start(ex: "Exchange") -> None:
     _INFLIGHT[key] = _INFLIGHT.get(key, 0) + 1
 
 
-def finish(ex: "Exchange", enabled: bool = True, client: str = "") -> None:
+def finish(ex: "Exchange", enabled: bool = True, client: str = "", log_arguments: bool = False) -> None:
     elapsed = time.perf_counter() - ex.started
     server = ex.server.name
     # The metrics (tallies: telemetry.metrics), inlined: this runs for every request.
@@ -129,6 +159,14 @@ def finish(ex: "Exchange", enabled: bool = True, client: str = "") -> None:
         fields["upstream_status"] = ex.upstream_status
     if ex.session is not None:
         fields["session"] = ex.session.short
+    if method == "tools/call" and ex.arguments is not None:
+        # Size and hash by default; the arguments themselves (redacted) only when the
+        # operator turned on logging.log_arguments.
+        raw = orjson.dumps(ex.arguments, option=orjson.OPT_SORT_KEYS)
+        fields["arguments_bytes"] = len(raw)
+        fields["arguments_sha256"] = hashlib.sha256(raw).hexdigest()[:16]
+        if log_arguments:
+            fields["arguments"] = redact_value("arguments", ex.arguments)
     if ex.trace is not None:
         fields["trace_id"] = ex.trace.trace_id        # 32 lower-case hex digits, checked by the parser
     if ex.audit_safe is not None:

@@ -90,6 +90,19 @@ def scrub(text: str) -> str:
     return text
 
 
+def mask(text: str) -> tuple[str, int]:
+    """Every secret in ``text`` replaced, and how many (no length cut: for relayed content)."""
+    n = 0
+    if _EXTRA is not None:
+        text, n = _EXTRA.subn(REDACTED, text)
+    lower = text.lower()
+    for marker in _MARKERS:
+        if marker in lower:
+            text, m = _SECRET_VALUE.subn(REDACTED, text)
+            return text, n + m
+    return text, n
+
+
 # Texts seen before and what scrub() made of them.  Most logged strings repeat (tool
 # names, principals, issuers, rule ids), so a dict lookup replaces the marker scan.
 # Bounded in entries and in text length: clients choose some of these strings.
