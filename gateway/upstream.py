@@ -29,13 +29,14 @@ from .errors import (
 )
 from .inspect.sse import SSEFramer, SSETooLarge
 from .response import EMPTY, ResponsePath, StreamAbort, error_body, error_event
-from .telemetry.metrics import BOUND, SSE_EVENTS_TALLY, UPSTREAM_CONNECTIONS, UPSTREAM_ERRORS, Sampler
+from .telemetry.metrics import BOUND, SSE_EVENTS_TALLY, STREAMS_LEVEL, UPSTREAM_CONNECTIONS, UPSTREAM_ERRORS, Sampler
 from .upstream_http import Pool, PoolExhausted, Response, UnsafeHeader
 
 if TYPE_CHECKING:
     from .config.model import Config, ServerConfig
     from .pipeline import Exchange
 
+_STREAMS = STREAMS_LEVEL.levels
 log = structlog.get_logger("gateway.upstream")
 
 # The client headers an upstream may see: an allow-list, decided on the lower-case name
@@ -329,6 +330,15 @@ class Forwarder:
 
     async def _relay_sse(self, ex: "Exchange", resp: Response,
                          headers: CIMultiDict[str]) -> tuple[web.StreamResponse, bool]:
+        key = (ex.server.name,)
+        _STREAMS[key] = _STREAMS.get(key, 0) + 1
+        try:
+            return await self._relay_sse_open(ex, resp, headers)
+        finally:
+            _STREAMS[key] -= 1
+
+    async def _relay_sse_open(self, ex: "Exchange", resp: Response,
+                              headers: CIMultiDict[str]) -> tuple[web.StreamResponse, bool]:
         headers["Content-Type"] = "text/event-stream"
         headers["X-Accel-Buffering"] = "no"
         headers.setdefault("Cache-Control", "no-cache")

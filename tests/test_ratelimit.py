@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -404,6 +405,11 @@ async def test_a_stopped_redis_fails_fast_per_mode_and_limiting_resumes_after_re
             if expected == 503:
                 assert replies[0].json["error"]["data"]["reason"] == "limit_store_unavailable"
             gw.wait_for_log({"event": "ratelimit.store_error"})
+            async with client.get(f"{gw.admin_url}/metrics") as resp:
+                text = await resp.text()
+            assert re.search(r'^mcpgw_store_errors_total\{operation="limit"\} [1-9]', text, re.M), text[-2000:]
+            decision = "store_error_closed" if expected == 503 else "store_error_open"
+            assert f'decision="{decision}",limit="one-at-a-time",server="up"' in text
             redis = await asyncio.to_thread(_restart_redis, tmp_path / "redis2", port)
             gw.wait_for_log({"event": "ratelimit.store_recovered"}, timeout=15)
             assert (await _call(client, gw, "slow")).status == 200

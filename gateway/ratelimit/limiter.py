@@ -28,6 +28,7 @@ from typing import Any, Callable
 import structlog
 
 from .model import Limit, Window
+from ..telemetry.metrics import BOUND, STORE_ERRORS
 from .resp import RespClient, RespReplyError
 
 log = structlog.get_logger("gateway.ratelimit")
@@ -407,6 +408,7 @@ class RedisLimiter:
 
     def _trip(self, exc: BaseException) -> None:
         self.errors += 1
+        BOUND.get(STORE_ERRORS, "limit").inc()
         self._down_until = time.monotonic() + self._breaker
         log.warning("ratelimit.store_error", error=type(exc).__name__, retry_in_seconds=self._breaker)
         if self._probe is None or self._probe.done():

@@ -15,6 +15,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from .base import Listener, StoreError
+from ..telemetry.metrics import BOUND, STORE_ERRORS
 
 log = structlog.get_logger("gateway.store")
 
@@ -24,6 +25,12 @@ local v = redis.call('INCRBY', KEYS[1], ARGV[1])
 if v == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return v
 """
+
+
+def _failed(operation: str) -> StoreError:
+    """Count a failed store call; the error to raise."""
+    BOUND.get(STORE_ERRORS, operation).inc()
+    return StoreError(f"redis {operation} failed")
 
 
 class RedisStore:
@@ -76,38 +83,38 @@ class RedisStore:
         try:
             return await self._client.get(self._k(key))
         except (RedisError, OSError) as exc:
-            raise StoreError("redis get failed") from exc
+            raise _failed("get") from exc
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         try:
             await self._client.set(self._k(key), value, px=int(ttl * 1000) if ttl else None)
         except (RedisError, OSError) as exc:
-            raise StoreError("redis set failed") from exc
+            raise _failed("set") from exc
 
     async def set_if_absent(self, key: str, value: bytes, ttl: float | None = None) -> bool:
         try:
             return bool(await self._client.set(self._k(key), value, nx=True,
                                                px=int(ttl * 1000) if ttl else None))
         except (RedisError, OSError) as exc:
-            raise StoreError("redis set failed") from exc
+            raise _failed("set") from exc
 
     async def delete(self, key: str) -> bool:
         try:
             return bool(await self._client.delete(self._k(key)))
         except (RedisError, OSError) as exc:
-            raise StoreError("redis delete failed") from exc
+            raise _failed("delete") from exc
 
     async def incr_window(self, key: str, amount: int, ttl: float) -> int:
         try:
             return int(await self._incr(keys=[self._k(key)], args=[amount, int(ttl * 1000)]))
         except (RedisError, OSError) as exc:
-            raise StoreError("redis incr failed") from exc
+            raise _failed("incr") from exc
 
     async def publish(self, channel: str, message: bytes) -> None:
         try:
             await self._client.publish(self._k(channel), message)
         except (RedisError, OSError) as exc:
-            raise StoreError("redis publish failed") from exc
+            raise _failed("publish") from exc
 
     def subscribe(self, channel: str, callback: Listener) -> None:
         new_channel = channel not in self._subs

@@ -74,6 +74,14 @@ UPSTREAM_CONNECTIONS = Gauge(
     ["server", "state"], multiprocess_mode="livesum",
 )
 SSE_EVENTS = Counter("mcpgw_sse_events_total", "SSE events relayed to clients, by server.", ["server"])
+ACTIVE_STREAMS = Gauge(
+    "mcpgw_active_streams", "SSE streams being relayed to clients right now, by server.", ["server"],
+    multiprocess_mode="livesum",
+)
+STORE_ERRORS = Counter(
+    "mcpgw_store_errors_total", "Failed calls to the Redis store (sessions, pins, event-id key), by operation.",
+    ["operation"],
+)
 SESSIONS = Counter(
     "mcpgw_sessions_total", "Gateway sessions created and terminated, by server and action.", ["server", "action"],
 )
@@ -222,6 +230,7 @@ REQUESTS_TALLY = Tally(REQUESTS)                    # (server, method label, sta
 DURATION_TALLY = HistogramTally(REQUEST_DURATION, DURATION_BUCKETS)   # (server,)
 INFLIGHT_LEVEL = LevelTally(INFLIGHT)               # (server,)
 SSE_EVENTS_TALLY = Tally(SSE_EVENTS)                # (server,)
+STREAMS_LEVEL = LevelTally(ACTIVE_STREAMS)          # (server,)
 
 
 def count_rejection(server: str, reason: str) -> None:
