@@ -192,6 +192,11 @@ async def _redis_config(ctx: Context, public_url: str) -> dict[str, Any]:
     return {"store": (await ctx.redis())[0]}
 
 
+async def _quiet_config(ctx: Context, public_url: str) -> dict[str, Any]:
+    # The same gateway with its per-request output off: no audit record, only error logs.
+    return {"logging": {"audit": False, "level": "error"}}
+
+
 def _redis_unavailable(ctx: Context) -> str | None:
     return gateway_unavailable(ctx) or (
         None if shutil.which("redis-server") else "redis-server is not installed")
@@ -237,6 +242,8 @@ def _jwt_redis_unavailable(ctx: Context) -> str | None:
 
 GATEWAY_VARIANTS = [
     gateway_target("gateway", "the gateway, auth off, memory store"),
+    gateway_target("gateway-quiet", "the same with the audit record and info logs off (what they cost)",
+                   config=_quiet_config),
     gateway_target("gateway-jwt", "the gateway verifying an RS256 JWT from a local issuer",
                    config=_jwt_config, headers=_jwt_headers, unavailable=_jwt_unavailable),
     gateway_target("gateway-redis", "the gateway with its session store in Redis",
