@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 VENV_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: all venv node redis wrk test demo bench clean
+.PHONY: all venv node redis prometheus wrk test demo bench clean
 
 all: test
 
@@ -44,8 +44,21 @@ redis:
 		exit 1; \
 	fi
 
+# promtool checks the alert rules; a real prometheus (started by the tests on a free port)
+# evaluates every dashboard and alert expression against a running gateway.
+prometheus:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then \
+		exit 0; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; \
+	else \
+		echo "prometheus/promtool are not installed and this is not a root shell with apt-get." >&2; \
+		echo "Install them (Debian/Ubuntu: sudo apt-get install prometheus; macOS: brew install prometheus) and re-run." >&2; \
+		exit 1; \
+	fi
+
 # pytest exits 5 when it collected no tests: a broken collection must not pass CI.
-test: venv node redis
+test: venv node redis prometheus
 	@$(PY) -m pytest -n $(JOBS) tests/ $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; \
 	exit $$rc

@@ -79,9 +79,12 @@ def test_per_tool_and_request_metrics_add_up_after_known_traffic(
         assert calls == 14
         assert sample(text, "mcpgw_request_duration_seconds_count", 'server="up"') >= 14
         assert "_created" not in text
-        records = [json.loads(line) for line in proc.lines() if '"mcp.request"' in line]
-        echo = [r for r in records if r.get("target") == "echo"]
-        assert len(echo) == 7
+        def echo_records() -> list[dict[str, Any]]:
+            records = [json.loads(line) for line in proc.lines() if '"mcp.request"' in line]
+            return [r for r in records if r.get("target") == "echo"]
+
+        proc.wait_until(lambda: len(echo_records()) == 7, 10, "the audit records")   # written every 10 ms
+        echo = echo_records()
         for r in echo:                       # the durations split: stages, then the upstream's answer
             assert 0 <= r["gateway_ms"] <= r["duration_ms"] and 0 < r["upstream_ms"] <= r["duration_ms"]
     finally:

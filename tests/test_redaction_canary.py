@@ -191,6 +191,9 @@ async def test_planted_secrets_never_reach_logs_metrics_or_error_bodies(stack: S
         async with client.get(f"{s.gw.admin_url}/metrics") as resp:
             metrics = await resp.text()
     assert any(CORES[0] in b for b in bodies)          # upstream content is relayed untouched (opt-in masking)
+    # Audit records are written every 10 ms: wait for the last request's before reading.
+    s.gw.wait_for_log(lambda e: e.get("event") == "mcp.request" and e.get("server") == "evil"
+                      and e.get("method") == "tools/call")
     logs = "\n".join(s.gw.log_lines())
     assert '"event":"mcp.request"' in logs.replace(" ", "")        # the audit records are in there
     gateway_errors = own + [b for b in bodies if '"error"' in b and '"reason"' in b]

@@ -27,7 +27,7 @@ from typing import IO, TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from .metrics import DURATION_TALLY, INFLIGHT_LEVEL, KNOWN_METHODS, REQUESTS_TALLY
+from .metrics import DURATION_TALLY, INFLIGHT_LEVEL, KNOWN_METHODS, OVERHEAD_TALLY, REQUESTS_TALLY, UPSTREAM_WAIT_TALLY
 from .redact import _MEMO, redact_value, scrub_text
 
 if TYPE_CHECKING:
@@ -131,6 +131,9 @@ def finish(ex: "Exchange", enabled: bool = True, client: str = "", log_arguments
     method = ex.method
     key = (server, method if method in KNOWN_METHODS else ("none" if method is None else "other"), ex.status)
     _REQUESTS[key] = _REQUESTS.get(key, 0) + 1
+    if ex.upstream_sent:
+        OVERHEAD_TALLY.observe((server,), ex.upstream_sent - ex.started)
+        UPSTREAM_WAIT_TALLY.observe((server,), ex.upstream_wait)
     if not enabled:
         return
     p = ex.principal

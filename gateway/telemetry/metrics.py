@@ -57,6 +57,20 @@ REQUEST_DURATION = Histogram(
     ["server"],
     buckets=DURATION_BUCKETS,
 )
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+OVERHEAD = Histogram(
+    "mcpgw_gateway_overhead_seconds",
+    "Time the gateway spent on a request before sending it upstream (every stage: auth, policy, "
+    "pinning, limits), by server.",
+    ["server"],
+    buckets=OVERHEAD_BUCKETS,
+)
+UPSTREAM_WAIT = Histogram(
+    "mcpgw_upstream_response_seconds",
+    "Time from sending a request upstream to the upstream's status and headers, by server.",
+    ["server"],
+    buckets=DURATION_BUCKETS,
+)
 REJECTIONS = Counter(
     "mcpgw_rejections_total", "Requests answered by the gateway itself, by server and reason.",
     ["server", "reason"],
@@ -228,6 +242,8 @@ async def flush_every(seconds: float) -> None:
 # The per-request series, tallied (see the module docstring).
 REQUESTS_TALLY = Tally(REQUESTS)                    # (server, method label, status as int)
 DURATION_TALLY = HistogramTally(REQUEST_DURATION, DURATION_BUCKETS)   # (server,)
+OVERHEAD_TALLY = HistogramTally(OVERHEAD, OVERHEAD_BUCKETS)          # (server,)
+UPSTREAM_WAIT_TALLY = HistogramTally(UPSTREAM_WAIT, DURATION_BUCKETS)  # (server,)
 INFLIGHT_LEVEL = LevelTally(INFLIGHT)               # (server,)
 SSE_EVENTS_TALLY = Tally(SSE_EVENTS)                # (server,)
 STREAMS_LEVEL = LevelTally(ACTIVE_STREAMS)          # (server,)
