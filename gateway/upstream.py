@@ -13,6 +13,7 @@ JSON-RPC error event.  This module imports neither the store nor the policy.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -304,6 +305,10 @@ class Forwarder:
             raise UpstreamInvalid("the upstream reply exceeds the gateway's response size limit",
                                   reason="upstream_too_large")
         body = self._path.json_body(ex, body)
+        if ex.method == "tools/call":
+            # The result is never logged; its size and hash are (the audit record).
+            ex.audit["result_bytes"] = len(body)
+            ex.audit["result_sha256"] = hashlib.sha256(body).hexdigest()[:16]
         return web.Response(status=status, body=body, headers=out_headers), False
 
     async def _read_body(self, resp: Response) -> bytes:
@@ -349,6 +354,7 @@ class Forwarder:
         relay = self._path.event
         sse_events = SSE_EVENTS_TALLY.pending
         sse_key = (ex.server.name,)
+        relayed = 0
         content = resp.content
         while True:
             try:
@@ -383,6 +389,8 @@ class Forwarder:
                 except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                     return out, self._client_gone(ex, resp)
                 sse_events[sse_key] = sse_events.get(sse_key, 0) + 1
+                if ex.method == "tools/call":
+                    ex.audit["result_bytes"] = relayed = relayed + len(data)   # events relayed so far
         if framer.pending:
             # Closed mid-event: the half event is dropped, never forwarded.
             self._count(ex.server, "stream_broken")

@@ -43,6 +43,8 @@ def test_audit_records_go_to_the_file_and_follow_it_across_a_sighup_rotation(ups
         assert record["arguments_bytes"] == len(raw)
         assert record["arguments_sha256"] == hashlib.sha256(raw).hexdigest()[:16]
         assert "arguments" not in record                            # size and hash only, by default
+        assert record["result_bytes"] > 0 and len(record["result_sha256"]) == 16
+        assert len(record["request_id"]) >= 12
         assert not [line for line in proc.lines() if '"mcp.request"' in line]      # not on stdout
         rotated = tmp_path / "audit.jsonl.1"
         audit_file.rename(rotated)                                  # what logrotate does, then SIGHUP

@@ -4,8 +4,8 @@ reach a gateway output (#11).
 The flows run against a real authorization server (oidc-provider), the SDK upstream and a
 socket-level upstream whose errors quote secrets.  Secrets go into the token itself and its
 claims, request headers, query strings, tool names and arguments, tool results and upstream
-error messages.  Then every log line (audit records included), a ``/metrics`` scrape and
-every error body the gateway wrote itself is searched: zero hits.
+error messages.  Then every log line, the audit file, a ``/metrics`` scrape and every error body the
+gateway wrote itself is searched: zero hits.
 """
 from __future__ import annotations
 
@@ -67,6 +67,18 @@ class Stack:
     up: Upstream
     gw: Gateway
     evil: Any
+    audit_file: Path
+
+    def audit(self) -> list[dict[str, Any]]:
+        text = self.audit_file.read_text() if self.audit_file.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def wait_for_audit(self, predicate: Any) -> dict[str, Any]:
+        """The first audit record matching ``predicate`` (records are written every 10 ms)."""
+        found: list[dict[str, Any]] = []
+        self.gw.proc.wait_until(lambda: bool(found.extend(r for r in self.audit() if predicate(r)) or found),
+                                10, "the audit record")
+        return found[0]
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +112,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                         "evil-masked": {"url": evil.url, "pinning": {"mode": "off"}, "auth": {"issuers": [idp.issuer]},
                                         "mask_secrets": ["safe_*"]},
                         "evil": {"url": evil.url, "pinning": {"mode": "off"}, "auth": {"issuers": [idp.issuer]}}},
-            "logging": {"level": "debug"},
+            "logging": {"level": "debug", "audit_file": str(work / "audit.jsonl")},
             "policies": str(_policies(work)),
         }
         gw = start_gateway(work / "gw", with_policy(config, work)); started.append(gw)
-        yield Stack(idp, up, gw, evil)
+        yield Stack(idp, up, gw, evil, work / "audit.jsonl")
     finally:
         for handle in reversed(started):
             handle.stop()
@@ -192,13 +204,13 @@ async def test_planted_secrets_never_reach_logs_metrics_or_error_bodies(stack: S
             metrics = await resp.text()
     assert any(CORES[0] in b for b in bodies)          # upstream content is relayed untouched (opt-in masking)
     # Audit records are written every 10 ms: wait for the last request's before reading.
-    s.gw.wait_for_log(lambda e: e.get("event") == "mcp.request" and e.get("server") == "evil"
-                      and e.get("method") == "tools/call")
+    s.wait_for_audit(lambda e: e.get("server") == "evil" and e.get("method") == "tools/call")
     logs = "\n".join(s.gw.log_lines())
-    assert '"event":"mcp.request"' in logs.replace(" ", "")        # the audit records are in there
+    audit_text = s.audit_file.read_text()
+    assert len(s.audit()) >= 15                                # every request has its record
     gateway_errors = own + [b for b in bodies if '"error"' in b and '"reason"' in b]
     assert len(gateway_errors) >= 10
-    outputs = {"logs": logs, "metrics": metrics, "gateway error bodies": "\n".join(gateway_errors)}
+    outputs = {"logs": logs, "audit file": audit_text, "metrics": metrics, "gateway error bodies": "\n".join(gateway_errors)}
     hits = {(where, core) for where, text in outputs.items() for core in CORES if core in text}
     hits |= {(where, "token") for where, text in outputs.items() for t in tokens
              for part in {t, *[p for p in t.split(".") if len(p) > 16]} if part in text}
@@ -223,6 +235,6 @@ async def test_masking_removes_secrets_from_tool_results_and_upstream_errors(sta
         (error,) = [m for m in r.messages if "error" in m]
         assert error["error"]["code"] == -32603 and not [c for c in CORES if c in json.dumps(error)], error
     for server in ("masked", "evil-masked"):
-        record = s.gw.wait_for_log(lambda e, server=server: e.get("event") == "mcp.request"
-                                   and e.get("server") == server and e.get("method") == "tools/call")
+        record = s.wait_for_audit(lambda e, server=server: e.get("server") == server
+                                  and e.get("method") == "tools/call")
         assert record["masked"] >= 3, record

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -15,7 +16,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from .base import Listener, StoreError
-from ..telemetry.metrics import BOUND, STORE_ERRORS
+from ..telemetry.metrics import BOUND, STORE_ERRORS, STORE_LATENCY_TALLY
 
 log = structlog.get_logger("gateway.store")
 
@@ -80,29 +81,41 @@ class RedisStore:
             return False
 
     async def get(self, key: str) -> bytes | None:
+        start = time.perf_counter()
         try:
             return await self._client.get(self._k(key))
         except (RedisError, OSError) as exc:
             raise _failed("get") from exc
+        finally:
+            STORE_LATENCY_TALLY.observe(("get",), time.perf_counter() - start)
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        start = time.perf_counter()
         try:
             await self._client.set(self._k(key), value, px=int(ttl * 1000) if ttl else None)
         except (RedisError, OSError) as exc:
             raise _failed("set") from exc
+        finally:
+            STORE_LATENCY_TALLY.observe(("set",), time.perf_counter() - start)
 
     async def set_if_absent(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        start = time.perf_counter()
         try:
             return bool(await self._client.set(self._k(key), value, nx=True,
                                                px=int(ttl * 1000) if ttl else None))
         except (RedisError, OSError) as exc:
             raise _failed("set") from exc
+        finally:
+            STORE_LATENCY_TALLY.observe(("set",), time.perf_counter() - start)
 
     async def delete(self, key: str) -> bool:
+        start = time.perf_counter()
         try:
             return bool(await self._client.delete(self._k(key)))
         except (RedisError, OSError) as exc:
             raise _failed("delete") from exc
+        finally:
+            STORE_LATENCY_TALLY.observe(("delete",), time.perf_counter() - start)
 
     async def incr_window(self, key: str, amount: int, ttl: float) -> int:
         try:

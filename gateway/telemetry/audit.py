@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import sys
 import time
@@ -103,6 +104,8 @@ class AuditWriter:
 
 
 WRITER = AuditWriter()
+_ID_PREFIX = os.urandom(5).hex() + "-"
+_IDS = itertools.count(1)
 
 _MEMO_GET = _MEMO.get        # the memo is cleared in place, never replaced
 _INFLIGHT = INFLIGHT_LEVEL.levels
@@ -144,6 +147,7 @@ def finish(ex: "Exchange", enabled: bool = True, client: str = "", log_arguments
     name = p.name or p.subject
     fields: dict[str, Any] = {
         "event": "mcp.request",
+        "request_id": f"{_ID_PREFIX}{next(_IDS):x}",     # unique across processes and replicas
         "level": "info" if ex.outcome == "ok" else "warning",
         "ts": time.time_ns() // 1000 / 1e6,          # round(time.time(), 6) costs ~10x more
         "server": server,

@@ -92,6 +92,10 @@ ACTIVE_STREAMS = Gauge(
     "mcpgw_active_streams", "SSE streams being relayed to clients right now, by server.", ["server"],
     multiprocess_mode="livesum",
 )
+STORE_LATENCY = Histogram(
+    "mcpgw_store_latency_seconds", "Redis store call latency (sessions, pins, event-id key), by operation.",
+    ["operation"], buckets=OVERHEAD_BUCKETS,
+)
 STORE_ERRORS = Counter(
     "mcpgw_store_errors_total", "Failed calls to the Redis store (sessions, pins, event-id key), by operation.",
     ["operation"],
@@ -247,6 +251,7 @@ UPSTREAM_WAIT_TALLY = HistogramTally(UPSTREAM_WAIT, DURATION_BUCKETS)  # (server
 INFLIGHT_LEVEL = LevelTally(INFLIGHT)               # (server,)
 SSE_EVENTS_TALLY = Tally(SSE_EVENTS)                # (server,)
 STREAMS_LEVEL = LevelTally(ACTIVE_STREAMS)          # (server,)
+STORE_LATENCY_TALLY = HistogramTally(STORE_LATENCY, OVERHEAD_BUCKETS)   # (operation,)
 
 
 def count_rejection(server: str, reason: str) -> None:
