@@ -53,7 +53,8 @@ from .targets import LIMITS, POLICY, SERVER_NAME
 ROOT = Path(__file__).resolve().parent.parent
 ALLOW_ALL = {"servers": {"*": {"default": "allow", "destructive": "allow",
                                "methods": [{"id": "all", "match": ["**"]}]}}}
-TARGETS = ("bare", "bare-token", "gateway", "gateway-allow", "gateway-jwt", "gateway-redis", "gateway-redis-limits")
+TARGETS = ("bare", "bare-token", "gateway", "gateway-allow", "gateway-quiet", "gateway-jwt", "gateway-redis",
+           "gateway-redis-limits")
 REDIS: dict[str, str] = {}      # "url" once main_async started a redis-server for the *-redis* targets
 
 
@@ -150,6 +151,8 @@ def _gateway_config(work: Path, upstream: str, kind: str, issuer: LocalIssuer | 
         cfg["policies"] = str(policy)
         cfg["servers"][SERVER_NAME]["pinning"] = {"mode": "off"}
         cfg["logging"] = {"audit": False}
+    if kind == "gateway-quiet":
+        cfg["logging"] = {"audit": False, "level": "error"}     # what the per-request output costs
     if kind == "gateway-jwt":
         assert issuer is not None
         cfg["auth"] = {"issuers": [{"issuer": issuer.issuer, "jwks_uri": issuer.jwks_uri}]}

@@ -307,8 +307,8 @@ class Forwarder:
         body = self._path.json_body(ex, body)
         if ex.method == "tools/call":
             # The result is never logged; its size and hash are (the audit record).
-            ex.audit["result_bytes"] = len(body)
-            ex.audit["result_sha256"] = hashlib.sha256(body).hexdigest()[:16]
+            ex.result_bytes = len(body)
+            ex.result_hash = hashlib.sha256(body).hexdigest()[:16]
         return web.Response(status=status, body=body, headers=out_headers), False
 
     async def _read_body(self, resp: Response) -> bytes:
@@ -390,7 +390,7 @@ class Forwarder:
                     return out, self._client_gone(ex, resp)
                 sse_events[sse_key] = sse_events.get(sse_key, 0) + 1
                 if ex.method == "tools/call":
-                    ex.audit["result_bytes"] = relayed = relayed + len(data)   # events relayed so far
+                    ex.result_bytes = relayed = relayed + len(data)   # events relayed so far
         if framer.pending:
             # Closed mid-event: the half event is dropped, never forwarded.
             self._count(ex.server, "stream_broken")
