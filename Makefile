@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 VENV_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: all venv node redis prometheus wrk test demo bench clean
+.PHONY: all venv node redis prometheus kubectl wrk test demo bench clean
 
 all: test
 
@@ -57,8 +57,20 @@ prometheus:
 		exit 1; \
 	fi
 
+# kubectl builds deploy/kubernetes (kubectl kustomize) for the manifest tests; no cluster needed.
+kubectl:
+	@if command -v kubectl >/dev/null 2>&1; then \
+		exit 0; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends kubectl; \
+	else \
+		echo "kubectl is not installed and this is not a root shell with apt-get." >&2; \
+		echo "Install it (https://kubernetes.io/docs/tasks/tools/; macOS: brew install kubectl) and re-run." >&2; \
+		exit 1; \
+	fi
+
 # pytest exits 5 when it collected no tests: a broken collection must not pass CI.
-test: venv node redis prometheus
+test: venv node redis prometheus kubectl
 	@$(PY) -m pytest -n $(JOBS) tests/ $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; \
 	exit $$rc

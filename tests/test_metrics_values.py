@@ -64,9 +64,14 @@ def test_per_tool_and_request_metrics_add_up_after_known_traffic(
             assert "error" in _call(port, f"never-listed-{i}", {})
 
         def settled() -> str | None:
+            # Each worker flushes its tallies once a second, at its own time: wait for all
+            # the series the test reads.
             text = scrape(cfg)
+            calls = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                        if line.startswith('mcpgw_requests_total{') and 'method="tools/call"' in line)
             done = sample(text, "mcpgw_tool_calls_total", 'effect="allow",server="up",tool="echo"') == 7 and \
-                sample(text, "mcpgw_tool_calls_total", 'effect="deny",server="up",tool="other"') == 4
+                sample(text, "mcpgw_tool_calls_total", 'effect="deny",server="up",tool="other"') == 4 and \
+                sample(text, "mcpgw_tool_calls_total", 'effect="deny",server="up",tool="add"') == 3 and calls == 14
             return text if done else None
 
         text = wait_for(settled, 15, "the tool-call series")     # workers flush once a second

@@ -1,0 +1,162 @@
+"""deploy/kubernetes: what `kubectl kustomize` builds is what the gateway and a careful operator need (#13, part).
+
+Each overlay builds; the Deployment runs non-root with a read-only root filesystem, no
+capabilities, the RuntimeDefault seccomp profile and no service-account token; its probes
+hit the admin listener's real endpoints on the config's admin port; its grace period
+covers ``shutdown_delay`` + ``shutdown_grace``; ``--metrics-dir`` points at a writable
+emptyDir.  The generated config and policies pass the gateway's own checks, no Secret
+value is committed, the NetworkPolicy opens only the public port (and the admin port to
+monitoring), and the PrometheusRule holds exactly the alert rules of
+deploy/observability.  Finally the gateway runs the base config with the Deployment's
+arguments (ports moved to loopback) and answers both probes.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.components import REPO
+from tests.support.procs import free_port, http_probe, start
+
+K8S = REPO / "deploy" / "kubernetes"
+OVERLAYS = ["base", "overlays/dev", "overlays/production"]
+
+
+def _build(which: str) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed: run `make kubectl` (Debian package kubectl)")
+    out = subprocess.run([kubectl, "kustomize", str(K8S / which)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"].startswith(name))]
+    assert len(found) == 1, (kind, name, [d["metadata"]["name"] for d in found])
+    return found[0]
+
+
+def _config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    cm = _one(docs, "ConfigMap", "mcp-gateway-config")
+    return yaml.safe_load(cm["data"]["gateway.yaml"])
+
+
+def _duration(text: Any) -> float:
+    s = str(text)
+    return float(s[:-2]) / 1000 if s.endswith("ms") else float(s.rstrip("s"))
+
+
+@pytest.mark.parametrize("which", OVERLAYS)
+def test_the_deployment_is_locked_down_and_probes_the_admin_listener(which: str) -> None:
+    docs = _build(which)
+    dep = _one(docs, "Deployment", "mcp-gateway")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = [c for c in pod["containers"] if c["name"] == "gateway"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    cfg = _config(docs)
+    admin_port = {p["name"]: p["containerPort"] for p in c["ports"]}["admin"]
+    assert admin_port == cfg["admin"]["port"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["http"] == cfg["listen"]["port"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert pod["terminationGracePeriodSeconds"] >= _duration(cfg["shutdown_delay"]) + _duration(cfg["shutdown_grace"])
+    args = c["args"]
+    metrics_dir = args[args.index("--metrics-dir") + 1]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts[metrics_dir]]
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    assert pod["topologySpreadConstraints"]
+    if which != "overlays/dev":
+        assert dep["spec"]["replicas"] >= 3
+        assert _one(docs, "HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 3
+        assert _one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] >= 2
+    assert not [d for d in docs if d["kind"] == "Secret"]                     # references only
+    (env,) = [e for e in c["env"] if e["name"] == "UPSTREAM_TOKEN"]
+    assert set(env["valueFrom"]) == {"secretKeyRef"}
+
+
+@pytest.mark.parametrize("which", OVERLAYS)
+def test_the_generated_config_and_policies_pass_the_gateways_own_check(which: str, tmp_path: Path) -> None:
+    docs = _build(which)
+    cfg = _config(docs)
+    policies = _one(docs, "ConfigMap", "mcp-gateway-policies")
+    assert not policies["metadata"]["name"].startswith("mcp-gateway-policies-")   # stable name: hot reload
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    for name, text in policies["data"].items():
+        (pdir / name).write_text(text)
+    cfg["policies"] = str(pdir)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "gateway", "check", "-c", str(path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "UPSTREAM_TOKEN": "t0ken-for-check"})
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_network_policy_opens_only_the_public_port_and_the_admin_port_to_monitoring() -> None:
+    np = _one(_build("base"), "NetworkPolicy")
+    rules = np["spec"]["ingress"]
+    assert {tuple(p["port"] for p in r["ports"]) for r in rules} == {(8080,), (9464,)}
+    (admin,) = [r for r in rules if r["ports"][0]["port"] == 9464]
+    assert admin["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert set(np["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    egress_ports = {p["port"] for r in np["spec"]["egress"] for p in r["ports"]}
+    assert egress_ports == {53, 6379, 26379, 3001, 443}
+
+
+def test_the_prometheus_rule_holds_exactly_the_alert_rules() -> None:
+    rule = _one(_build("base"), "PrometheusRule")
+    alerts = yaml.safe_load((REPO / "deploy" / "observability" / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"]
+    monitor = _one(_build("base"), "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "admin"
+
+
+def test_the_gateway_runs_the_base_config_with_the_deployments_arguments(
+        upstream: Any, redis_store: dict[str, str], tmp_path: Path) -> None:
+    """As the pod would run it, on loopback: both probes answer 200."""
+    docs = _build("base")
+    cfg = _config(docs)
+    (c,) = _one(docs, "Deployment", "mcp-gateway")["spec"]["template"]["spec"]["containers"]
+    up = upstream()
+    port, admin = free_port(), free_port()
+    cfg["listen"] = {"host": "127.0.0.1", "port": port}
+    cfg["admin"] = {"host": "127.0.0.1", "port": admin}
+    cfg["store"] = redis_store
+    cfg["servers"]["everything"]["url"] = up.url
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    for name, text in _one(docs, "ConfigMap", "mcp-gateway-policies")["data"].items():
+        (pdir / name).write_text(text)
+    cfg["policies"] = str(pdir)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = list(c["args"])
+    args[args.index("-c") + 1] = str(path)
+    metrics = tmp_path / "run-mcpgw"
+    metrics.mkdir()
+    args[args.index("--metrics-dir") + 1] = str(metrics)
+    proc, _ = start([sys.executable, "-m", "gateway", *args], name=f"k8s-gateway-{port}",
+                    log_path=tmp_path / "gateway.log", cwd=REPO, env={"UPSTREAM_TOKEN": "t0ken-for-test"},
+                    ready_probe=http_probe(f"http://127.0.0.1:{admin}/readyz"), ready_timeout=60)
+    try:
+        for probe in (c["readinessProbe"], c["livenessProbe"]):
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}{probe['httpGet']['path']}", timeout=5) as resp:
+                assert resp.status == 200
+    finally:
+        proc.stop()
