@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import orjson
@@ -170,3 +171,27 @@ def test_a_bad_operator_pattern_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load_config(str(path))
     assert any("logging.redact.patterns[0] is not a valid regular expression" in str(p) for p in raised.value.problems)
+
+
+def test_masking_a_hostile_message_stays_within_its_budget_and_fails_closed() -> None:
+    """An upstream answer built to be slow for the patterns (1 MiB of near-misses, then a
+    secret): the scan stops at the budget and what it did not scan is not relayed."""
+    import time
+    from types import SimpleNamespace
+
+    from gateway.stages.mask import MASK_BUDGET, _hook
+
+    hostile = ":@" * (512 * 1024)
+    secret = "ghp_" + "A1b2C3d4" * 5
+    message = {"jsonrpc": "2.0", "id": 1, "result": {"content": [
+        {"type": "text", "text": f"token {secret}"}, {"type": "text", "text": hostile},
+        {"type": "text", "text": f"again {secret}"}]}}
+    ex = SimpleNamespace(audit={})
+    started = time.perf_counter()
+    out = _hook(ex, message)
+    assert time.perf_counter() - started < 1.0                 # ~0.7 s for the whole MiB unbudgeted
+    texts = [c["text"] for c in out["result"]["content"]]
+    assert texts[0] == f"token {REDACTED}"
+    assert texts[1].startswith(REDACTED) and str(len(hostile)) in texts[1]
+    assert secret not in json.dumps(out) and len(hostile) > MASK_BUDGET
+    assert ex.audit["masked"] >= 2
