@@ -12,6 +12,20 @@ JOBS    ?= auto
 PYTEST_ARGS ?=
 
 VENV_STAMP := $(VENV)/.installed
+
+# $(call ensure_installed,COMMANDS,DEBIAN PACKAGE,HINT): nothing when every command is on
+# PATH; else apt-get installs the package when this is a root shell with apt-get (CI);
+# else stop and say how to install it.
+define ensure_installed
+	@if $(foreach c,$(1),command -v $(c) >/dev/null 2>&1 &&) true; then \
+		exit 0; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(2); \
+	else \
+		echo "$(1): not installed, and this is not a root shell with apt-get ($(3))." >&2; \
+		exit 1; \
+	fi
+endef
 NODE_STAMP := node_modules/.installed
 
 .PHONY: all venv node redis prometheus kubectl wrk test demo bench clean
@@ -34,40 +48,16 @@ $(NODE_STAMP): package.json package-lock.json
 # redis-server is started by the tests themselves (own port, no persistence);
 # this only makes sure the binary exists.
 redis:
-	@if command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redis-server; then \
-		exit 0; \
-	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; \
-	else \
-		echo "redis-server is not installed and this is not a root shell with apt-get." >&2; \
-		echo "Install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis) and re-run." >&2; \
-		exit 1; \
-	fi
+	$(call ensure_installed,redis-server,redis-server,Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis)
 
 # promtool checks the alert rules; a real prometheus (started by the tests on a free port)
 # evaluates every dashboard and alert expression against a running gateway.
 prometheus:
-	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then \
-		exit 0; \
-	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; \
-	else \
-		echo "prometheus/promtool are not installed and this is not a root shell with apt-get." >&2; \
-		echo "Install them (Debian/Ubuntu: sudo apt-get install prometheus; macOS: brew install prometheus) and re-run." >&2; \
-		exit 1; \
-	fi
+	$(call ensure_installed,promtool prometheus,prometheus,Debian/Ubuntu: sudo apt-get install prometheus; macOS: brew install prometheus)
 
 # kubectl builds deploy/kubernetes (kubectl kustomize) for the manifest tests; no cluster needed.
 kubectl:
-	@if command -v kubectl >/dev/null 2>&1; then \
-		exit 0; \
-	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends kubectl; \
-	else \
-		echo "kubectl is not installed and this is not a root shell with apt-get." >&2; \
-		echo "Install it (https://kubernetes.io/docs/tasks/tools/; macOS: brew install kubectl) and re-run." >&2; \
-		exit 1; \
-	fi
+	$(call ensure_installed,kubectl,kubectl,see https://kubernetes.io/docs/tasks/tools/; macOS: brew install kubectl)
 
 # pytest exits 5 when it collected no tests: a broken collection must not pass CI.
 test: venv node redis prometheus kubectl
@@ -85,14 +75,7 @@ $(BENCH_STAMP): $(VENV_STAMP)
 	touch $@
 
 wrk:
-	@if command -v wrk >/dev/null 2>&1; then \
-		exit 0; \
-	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk; \
-	else \
-		echo "wrk is not installed (Debian/Ubuntu: sudo apt-get install wrk; macOS: brew install wrk)." >&2; \
-		exit 1; \
-	fi
+	$(call ensure_installed,wrk,wrk,Debian/Ubuntu: sudo apt-get install wrk; macOS: brew install wrk)
 
 bench: $(BENCH_STAMP) wrk redis
 	$(PY) -m bench $(BENCH_ARGS)

@@ -89,7 +89,7 @@ class Exchange:
         "session", "upstream_session_id", "response_hooks", "audit", "audit_safe", "status",
         "outcome", "reason", "upstream_status", "extra_upstream_headers", "response_headers",
         "origin", "answered", "replay", "upstream_last_event_id", "final", "finishers", "trace",
-        "upstream_sent", "upstream_wait", "result_bytes", "result_hash",
+        "upstream_sent", "upstream_wait", "result_bytes", "result_body",
     )
 
     def __init__(self, request: "web.Request", server: "ServerConfig") -> None:
@@ -139,9 +139,10 @@ class Exchange:
         # the upstream took to answer with its status and headers.
         self.upstream_sent = 0.0
         self.upstream_wait = 0.0
-        # tools/call: the size of the answer relayed, and its SHA-256 prefix (JSON answers).
+        # tools/call: the size of the answer relayed, and the JSON answer itself (the audit
+        # record hashes it, only when a record is written).
         self.result_bytes = -1
-        self.result_hash: str | None = None
+        self.result_body: bytes | None = None
 
 
 class Stage(Protocol):

@@ -13,7 +13,6 @@ JSON-RPC error event.  This module imports neither the store nor the policy.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -308,7 +307,7 @@ class Forwarder:
         if ex.method == "tools/call":
             # The result is never logged; its size and hash are (the audit record).
             ex.result_bytes = len(body)
-            ex.result_hash = hashlib.sha256(body).hexdigest()[:16]
+            ex.result_body = body
         return web.Response(status=status, body=body, headers=out_headers), False
 
     async def _read_body(self, resp: Response) -> bytes:

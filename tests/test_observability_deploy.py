@@ -23,17 +23,13 @@ import yaml
 from tests.support.components import REPO
 from tests.support.gw_helpers import start_gateway_argv
 from tests.support.procs import free_port, http_probe, start
-from tests.test_metrics_values import _call
+from tests.test_metrics_values import POLICY as ECHO_ONLY, _call
 
 OBS = REPO / "deploy" / "observability"
 RULES = OBS / "prometheus" / "alerts.yml"
 DASHBOARD = OBS / "grafana" / "mcp-gateway.json"
-POLICY = """\
-servers:
-  up:
-    default: deny
-    tools:
-      - {id: echo-ok, match: echo, destructive: allow}
+# The metric-values policy (echo allowed, the rest denied) plus a limit, so the limit panels have data.
+POLICY = ECHO_ONLY + """\
     limits:
       - {id: roomy, match: {tools: ["*"]}, key: [principal], windows: [{limit: 1000, per: 1s}]}
 """

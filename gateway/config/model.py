@@ -81,7 +81,6 @@ class TracingConfig:
     otlp_endpoint: str | None = None     # OTLP/HTTP JSON traces endpoint; None: no export
     service_name: str = "mcp-gateway"
     start_traces: bool = False           # start a trace for requests that carry no traceparent
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

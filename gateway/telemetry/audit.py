@@ -181,8 +181,8 @@ def finish(ex: "Exchange", enabled: bool = True, client: str = "", log_arguments
             fields["arguments"] = redact_value("arguments", ex.arguments)
     if ex.result_bytes >= 0:                          # closed formats: written as they are
         fields["result_bytes"] = ex.result_bytes
-        if ex.result_hash is not None:
-            fields["result_sha256"] = ex.result_hash
+        if ex.result_body is not None:
+            fields["result_sha256"] = hashlib.sha256(ex.result_body).hexdigest()[:16]
     if ex.trace is not None:
         fields["trace_id"] = ex.trace.trace_id        # 32 lower-case hex digits, checked by the parser
     if ex.audit:

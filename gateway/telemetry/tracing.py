@@ -87,7 +87,7 @@ class Tracer:
 
     def __init__(self, cfg: Any) -> None:
         self._start = cfg.start_traces
-        self.exporter = OtlpExporter(cfg.otlp_endpoint, cfg.service_name, cfg.headers) if cfg.otlp_endpoint else None
+        self.exporter = OtlpExporter(cfg.otlp_endpoint, cfg.service_name) if cfg.otlp_endpoint else None
 
     def begin(self, ex: "Exchange") -> TraceContext | None:
         """The request's trace context (None: untraced); sets the upstream headers."""
@@ -137,9 +137,9 @@ def _attr(key: str, value: Any) -> dict[str, Any]:
 class OtlpExporter:
     """Batches spans and POSTs them as OTLP/HTTP JSON (``/v1/traces``) once a second."""
 
-    def __init__(self, endpoint: str, service: str, headers: dict[str, str], interval: float = 1.0) -> None:
+    def __init__(self, endpoint: str, service: str, interval: float = 1.0) -> None:
         self._endpoint = endpoint
-        self._headers = {"Content-Type": "application/json", **headers}
+        self._headers = {"Content-Type": "application/json"}
         self._resource = {"attributes": [_attr("service.name", service)]}
         self._interval = interval
         self._queue: deque[dict[str, Any]] = deque()
