@@ -28,7 +28,7 @@ define ensure_installed
 endef
 NODE_STAMP := node_modules/.installed
 
-.PHONY: all venv node redis prometheus kubectl wrk test demo bench clean
+.PHONY: all venv node redis prometheus kubectl wrk test demo bench soak fuzz clean
 
 all: test
 
@@ -79,6 +79,31 @@ wrk:
 
 bench: $(BENCH_STAMP) wrk redis
 	$(PY) -m bench $(BENCH_ARGS)
+
+# 30 minutes of mixed traffic at half the measured capacity, two workers, Redis (bench/soak.py).
+soak: $(BENCH_STAMP) redis
+	$(PY) -m bench.soak $(SOAK_ARGS)
+
+# Coverage-guided fuzzing (atheris) of every parser the gateway owns, FUZZ_SECONDS per target,
+# FUZZ_JOBS targets at a time.  `make test` runs the same targets for 60 s each.  The corpus
+# grows in $(FUZZ_DIR)/<target>/ across runs; a crash lands in $(FUZZ_DIR)/<target>-crash-*
+# (replay: $(PY) -m tests.fuzz.run <target> FILE; then add it to tests/fuzz/corpus/<target>/).
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= codec sse header config policy jwt
+FUZZ_JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
+FUZZ_DIR     ?= .fuzz
+
+fuzz: venv
+	@mkdir -p $(FUZZ_DIR)
+	@printf '%s\n' $(FUZZ_TARGETS) | xargs -P $(FUZZ_JOBS) -I{} sh -c '\
+		mkdir -p $(FUZZ_DIR)/{}; \
+		$(PY) -m tests.fuzz.run {} $(FUZZ_DIR)/{} tests/fuzz/corpus/{} -max_total_time=$(FUZZ_SECONDS) \
+			-timeout=10 -rss_limit_mb=1024 -print_final_stats=1 -close_fd_mask=1 \
+			-artifact_prefix=$(FUZZ_DIR)/{}- 2> $(FUZZ_DIR)/{}.log; rc=$$?; \
+		echo "fuzz {}: exit $$rc, $$(grep -Eo "number_of_executed_units: *[0-9]+|average_exec_per_sec: *[0-9]+" \
+			$(FUZZ_DIR)/{}.log | tr -s " " | paste -sd, -)"; exit $$rc'
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz_gateway.py \
+		tests/test_fuzz_parsers.py -k "not coverage_guided"
 
 clean:
 	rm -f $(VENV_STAMP) $(NODE_STAMP)

@@ -53,8 +53,8 @@ from .targets import LIMITS, POLICY, SERVER_NAME
 ROOT = Path(__file__).resolve().parent.parent
 ALLOW_ALL = {"servers": {"*": {"default": "allow", "destructive": "allow",
                                "methods": [{"id": "all", "match": ["**"]}]}}}
-TARGETS = ("bare", "bare-token", "gateway", "gateway-allow", "gateway-quiet", "gateway-jwt", "gateway-redis",
-           "gateway-redis-limits")
+TARGETS = ("bare", "bare-token", "gateway", "gateway-allow", "gateway-quiet", "gateway-noaudit", "gateway-nolog", "gateway-jwt", "gateway-redis",
+           "gateway-redis-limits", "gateway-scan")
 REDIS: dict[str, str] = {}      # "url" once main_async started a redis-server for the *-redis* targets
 
 
@@ -84,9 +84,12 @@ async def _wait_http(url: str, timeout: float) -> None:
     raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
 
 
+ECHO_TEXT = "hello"          # the echo argument; --workload echo-2k: 2 KiB of realistic text
+
+
 def _request_bytes(path: str, host: str, headers: dict[str, str], rpc_id: int) -> bytes:
     body = ('{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"echo",'
-            '"arguments":{"text":"hello"}}}' % rpc_id).encode()
+            '"arguments":{"text":%s}}}' % (rpc_id, json.dumps(ECHO_TEXT))).encode()
     head = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
     head += [f"{k}: {v}" for k, v in headers.items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
@@ -151,8 +154,14 @@ def _gateway_config(work: Path, upstream: str, kind: str, issuer: LocalIssuer | 
         cfg["policies"] = str(policy)
         cfg["servers"][SERVER_NAME]["pinning"] = {"mode": "off"}
         cfg["logging"] = {"audit": False}
+    if kind == "gateway-scan":
+        cfg["servers"][SERVER_NAME]["scan_results"] = {"action": "annotate"}   # every result scanned
     if kind == "gateway-quiet":
         cfg["logging"] = {"audit": False, "level": "error"}     # what the per-request output costs
+    if kind == "gateway-noaudit":
+        cfg["logging"] = {"audit": False}                        # the audit record alone
+    if kind == "gateway-nolog":
+        cfg["logging"] = {"level": "error"}                      # the log level alone
     if kind == "gateway-jwt":
         assert issuer is not None
         cfg["auth"] = {"issuers": [{"issuer": issuer.issuer, "jwks_uri": issuer.jwks_uri}]}
@@ -253,7 +262,7 @@ async def measure(kind: str, upstream: str, work: Path, n: int, conc: int, warmu
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
             sess = await McpSession(url, extra).open(http)
             await sess.preflight(http)
-        msg = {"method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hello"}}}
+        msg = {"method": "tools/call", "params": {"name": "echo", "arguments": {"text": ECHO_TEXT}}}
         headers = request_headers(msg, sess.session_id, extra)
         await _load(url, headers, warmup, conc, 1_000_000)
         if profiler == "cprofile":
@@ -370,7 +379,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profiler", choices=("callgrind", "cprofile", "strace"), default="callgrind",
                     help="cprofile: no valgrind; saves a cProfile of the counted requests instead; "
                          "strace: no valgrind; `strace -c -f` table of the counted requests' syscalls")
+    ap.add_argument("--workload", choices=("echo", "echo-2k"), default="echo",
+                    help="the echo argument: 'hello', or 2 KiB of realistic text (bench/wrk.py)")
     args = ap.parse_args(argv)
+    if args.workload == "echo-2k":
+        from .wrk import WORKLOADS
+        global ECHO_TEXT
+        ECHO_TEXT = WORKLOADS["echo-2k"]["params"]["arguments"]["text"]
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
         ap.error(f"unknown targets {sorted(unknown)}; known: {', '.join(TARGETS)}")

@@ -13,6 +13,9 @@ and rule set (no network):
   parse/serialise the forwarder does because a hook is installed.
 - ``tools/call``: ``on_request`` of the stage for an approved tool whose
   catalog entry is fresh (the pin check on every call).
+- first-sight scan per definition: ``RuleSet.scan`` of each definition of the
+  poisoning corpus (tests/corpus/poisoned.json and benign.json), the cost the
+  gateway pays once per new fingerprint before memoising it.
 
 Prints p50/p99 and the targets (list < 2 ms at p99, call < 20 µs).  Each
 figure is measured twice: wall-clock time, and the thread's CPU time
@@ -142,6 +145,27 @@ async def bench_call(stage: Any, config: Any, tools: list[dict[str, Any]], n: in
             "cpu_p50": percentile(cpu, 50), "cpu_p99": percentile(cpu, 99)}
 
 
+def corpus_definitions() -> list[dict[str, Any]]:
+    corpus = REPO / "tests" / "corpus"
+    return [e["tool"] for f in ("poisoned.json", "benign.json")
+            for e in json.loads((corpus / f).read_text())["tools"]]
+
+
+def bench_scan(rounds: int) -> dict[str, float]:
+    """CPU time of one first-sight scan, per definition of the corpus (every round scans each once)."""
+    from gateway.inspect.poisoning import RuleSet
+
+    rules = RuleSet.load()
+    defs = corpus_definitions()
+    cpu: list[float] = []
+    for _ in range(rounds):
+        for tool in defs:
+            c0 = time.thread_time_ns()
+            rules.scan(tool)
+            cpu.append((time.thread_time_ns() - c0) / 1000)
+    return {"n": len(defs), "p50": percentile(cpu, 50), "p99": percentile(cpu, 99), "max": max(cpu)}
+
+
 async def main(n: int) -> int:
     import logging
 
@@ -158,6 +182,7 @@ async def main(n: int) -> int:
         warm = await bench_list(stage, config, tools, n, cold=False)
         cold = await bench_list(stage, config, tools, max(20, n // 10), cold=True)
         call = await bench_call(stage, config, tools, n * 10)
+    scan = bench_scan(max(5, n // 100))
     load = os.getloadavg()[0]
     print(f"pin_micro: 50-tool tools/list and tools/call pin checks ({n} iterations; load average {load:.2f}, "
           f"{os.cpu_count()} CPUs)")
@@ -174,6 +199,8 @@ async def main(n: int) -> int:
     print(f"{'call: pin check (on_request)':36s}{call['p50']:>8.1f}µs{call['p99']:>8.1f}µs{call['cpu_p50']:>8.1f}µs"
           f"{call['cpu_p99']:>8.1f}µs  target < 20 µs: {'PASS' if call['cpu_p99'] < 20 else 'FAIL'}"
           f" (CPU per call, batches of 50)")
+    print(f"{'scan: first sight, per definition':36s}{'':20s}{scan['p50']:>8.0f}µs{scan['p99']:>8.0f}µs"
+          f"  {scan['n']} corpus definitions, max {scan['max']:.0f} µs; memoised per fingerprint")
     return 0
 
 

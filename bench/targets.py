@@ -152,7 +152,8 @@ def gateway_unavailable(ctx: Context) -> str | None:
 
 def gateway_target(name: str, description: str, config: ConfigFn = _no_config,
                    headers: HeadersFn = _no_headers, workers: int | None = None,
-                   unavailable: Callable[[Context], str | None] = gateway_unavailable) -> Target:
+                   unavailable: Callable[[Context], str | None] = gateway_unavailable,
+                   preload: str | None = None) -> Target:
     """A gateway target: the base config updated with ``config``'s sections, plus headers.
 
     ``workers`` fixes ``--workers`` for this variant; otherwise ``--gateway-workers`` applies.
@@ -167,6 +168,8 @@ def gateway_target(name: str, description: str, config: ConfigFn = _no_config,
         cfg_path = ctx.run_dir / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         argv = [ctx.python, "-m", "gateway", "serve", "-c", str(cfg_path)]
+        if preload is not None:       # a bench-only ablation exec'd before the gateway starts
+            argv[1:1] = ["-m", "bench.instr", "_preload", str(Path(__file__).with_name(preload))]
         if workers or ctx.gateway_workers:
             argv += ["--workers", str(workers or ctx.gateway_workers)]
         proc = await Proc.start(name, argv, ctx.run_dir, cwd=ctx.repo_root, ready_line=False,
@@ -195,6 +198,14 @@ async def _redis_config(ctx: Context, public_url: str) -> dict[str, Any]:
 async def _quiet_config(ctx: Context, public_url: str) -> dict[str, Any]:
     # The same gateway with its per-request output off: no audit record, only error logs.
     return {"logging": {"audit": False, "level": "error"}}
+
+
+async def _noaudit_config(ctx: Context, public_url: str) -> dict[str, Any]:
+    return {"logging": {"audit": False}}
+
+
+async def _audit_null_config(ctx: Context, public_url: str) -> dict[str, Any]:
+    return {"logging": {"audit_file": "/dev/null"}}
 
 
 def _redis_unavailable(ctx: Context) -> str | None:
@@ -236,6 +247,12 @@ async def _jwt_redis_limits_config(ctx: Context, public_url: str) -> dict[str, A
     return {**await _jwt_redis_config(ctx, public_url), "policies": str(policy)}
 
 
+async def _scan_config(ctx: Context, public_url: str) -> dict[str, Any]:
+    # Every tools/call result and resource read scanned for prompt injection (annotate).
+    return {"servers": {SERVER_NAME: {"url": ctx.upstream_origin + ctx.upstream_path,
+                                      "scan_results": {"action": "annotate"}}}}
+
+
 def _jwt_redis_unavailable(ctx: Context) -> str | None:
     return _jwt_unavailable(ctx) or _redis_unavailable(ctx)
 
@@ -244,6 +261,12 @@ GATEWAY_VARIANTS = [
     gateway_target("gateway", "the gateway, auth off, memory store"),
     gateway_target("gateway-quiet", "the same with the audit record and info logs off (what they cost)",
                    config=_quiet_config),
+    gateway_target("gateway-dark", "audit, info logs and per-request metrics all off (bench/ablate_metrics.py)",
+                   config=_quiet_config, preload="ablate_metrics.py"),
+    gateway_target("gateway-noaudit", "the same with only the audit record off (info logs on)",
+                   config=_noaudit_config),
+    gateway_target("gateway-audit-null", "the gateway writing its audit records to /dev/null (what building them costs)",
+                   config=_audit_null_config),
     gateway_target("gateway-jwt", "the gateway verifying an RS256 JWT from a local issuer",
                    config=_jwt_config, headers=_jwt_headers, unavailable=_jwt_unavailable),
     gateway_target("gateway-redis", "the gateway with its session store in Redis",
@@ -251,6 +274,8 @@ GATEWAY_VARIANTS = [
     # Sessions must be shared between workers, hence Redis.
     gateway_target("gateway-2w", "the gateway, 2 SO_REUSEPORT workers, Redis store",
                    config=_redis_config, workers=2, unavailable=_redis_unavailable),
+    gateway_target("gateway-scan", "the gateway scanning every result for prompt injection (scan_results: annotate)",
+                   config=_scan_config),
     gateway_target("gateway-jwt-redis", "JWT, policy, pinning, Redis store (no limits)",
                    config=_jwt_redis_config, headers=_jwt_headers, unavailable=_jwt_redis_unavailable),
     gateway_target("gateway-jwt-redis-limits", "the same plus three rate limits on every call, in Redis",

@@ -68,8 +68,9 @@ def make_tools(n: int) -> list[dict[str, Any]]:
 class Upstream:
     """State shared by all connections: the endpoint path, sessions and the tool list."""
 
-    def __init__(self, path: str, n_tools: int) -> None:
+    def __init__(self, path: str, n_tools: int, stateless: bool = False) -> None:
         self.path = path.encode()
+        self.stateless = stateless
         self.sessions: set[bytes] = set()
         self.tools = make_tools(n_tools)
 
@@ -154,10 +155,12 @@ class Connection(asyncio.Protocol):
                       "serverInfo": {"name": "bench-upstream", "version": "1"}}
             return self.respond(200, b"Content-Type: application/json\r\nMcp-Session-Id: "
                                 + sid + b"\r\n", _dumps(_result(rpc_id, result)), keep_alive)
-        if session is None:
+        if session is None and self.upstream.stateless:
+            pass                      # 2026-07-28 requests: no session (bench.virtual)
+        elif session is None:
             return self.rpc_error(400, rpc_id, -32600, "Bad Request: missing Mcp-Session-Id",
                                   keep_alive)
-        if session not in self.upstream.sessions:
+        elif session not in self.upstream.sessions:
             return self.rpc_error(404, rpc_id, -32001, "Session not found", keep_alive)
         if rpc_method is None or rpc_id is None:  # a notification or a client's response
             return self.respond(202, b"", b"", keep_alive)
@@ -241,8 +244,8 @@ def _result(rpc_id: Any, result: Any) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": rpc_id, "result": result}
 
 
-async def serve(host: str, port: int, path: str, n_tools: int) -> None:
-    upstream = Upstream(path, n_tools)
+async def serve(host: str, port: int, path: str, n_tools: int, stateless: bool = False) -> None:
+    upstream = Upstream(path, n_tools, stateless)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Connection(upstream), host, port, backlog=1024)
     bound = server.sockets[0].getsockname()[1]
@@ -258,9 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--path", default="/mcp")
     ap.add_argument("--tools", type=int, default=50, help="tools in tools/list (default 50)")
     ap.add_argument("--no-uvloop", action="store_true")
+    ap.add_argument("--stateless", action="store_true", help="also answer requests without a session")
     args = ap.parse_args(argv)
     try:
-        run(serve(args.host, args.port, args.path, args.tools), uvloop=not args.no_uvloop)
+        run(serve(args.host, args.port, args.path, args.tools, args.stateless), uvloop=not args.no_uvloop)
     except KeyboardInterrupt:
         sys.exit(0)
 

@@ -1,8 +1,10 @@
 """Builds the gateway and fixes the ONE order in which the stages run, both ways.
 
-Request:   hygiene -> authn -> parse -> session -> stream -> scopes -> authz -> pinning -> ratelimit -> upstream
+Request:   hygiene -> authn -> parse -> session -> stream -> scopes -> authz -> pinning -> streams -> ratelimit
+           -> upstream
 Head:      upstream status/headers -> session (map ids, DELETE) -> media type (response.py)
-Messages:  codec.decode -> stream (admit) -> pinning hook -> authz hook -> codec.encode -> client
+Messages:  codec.decode -> stream (admit) -> pinning hook -> authz hook -> results hook -> mask hook
+           -> codec.encode -> client
 
 Ordering constraints:
 - hygiene first: Origin/Host (DNS rebinding) and tokens in the URL are refused
@@ -18,7 +20,9 @@ Ordering constraints:
   it never reaches a hook, so no hook can be fed a message meant for another request.
 - scopes (mount-wide, from the auth config) before authz: the cheapest refusal
   first, and its 403 names the mount's scopes before any per-tool step-up.
-- ratelimit last: a call refused by policy or held by pinning never consumes quota.
+- streams (GET streams per principal) and ratelimit last: a request refused by policy
+  or held by pinning never takes a stream slot or consumes quota.  Both charge the same
+  limiter (exact across replicas with Redis).
 - authz before pinning: a refused tool must look like an unknown tool, so
   policy answers before pinning could reveal "held for review".  On the way
   back the order reverses, so pinning sees the upstream's whole tool list
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -54,9 +59,11 @@ from .stages.scopes import Scopes
 from .pipeline import Exchange, checker
 from .ratelimit.limiter import make_limiter
 from .stages.mask import Mask
+from .stages.results import Results
 from .stages.ratelimit import RateLimit
 from .stages.session import Session
 from .stages.stream import EventIds, Stream
+from .stages.streams import StreamQuota
 from .response import ResponsePath, error_body
 from .store.redis import make_store
 from .store.sessions import SessionStore
@@ -66,6 +73,8 @@ from .telemetry import metrics
 from .telemetry.metrics import count_rejection
 from .telemetry.tracing import SPAN_NAMES, Tracer
 from .upstream import Forwarder, Upstreams
+from .virtual.router import VirtualRouter
+from .virtual.sessions import VirtualSessions
 
 log = structlog.get_logger("gateway")
 
@@ -77,7 +86,7 @@ class Gateway:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = make_store(config.store.kind, config.store.url, config.store.prefix)
+        self.store = make_store(config.store)
         self.sessions = SessionStore(self.store, config.store.session_ttl)
         self.upstreams = Upstreams(config)
         self.credentials = {name: c for name, s in config.servers.items()
@@ -85,7 +94,8 @@ class Gateway:
         session = Session(self.sessions, terminate=self._end_upstream_session)
         self.stream = Stream(EventIds(self.store))
         # The response order (see the module docstring): head stages, then per message.
-        self.response_path = ResponsePath(head=(session.on_head,), stream=self.stream)
+        self.response_path = ResponsePath(head=(session.on_head,), stream=self.stream,
+                                          line_limit=config.limits.max_sse_event_bytes)
         self.forwarder = Forwarder(config, self.upstreams, self.response_path, self.credentials,
                                    IDENTITY_HEADERS)
         # The last-seen tool definitions per server: pinning checks them, authz reads
@@ -104,6 +114,9 @@ class Gateway:
             # Registered before the other stages' response hooks, so it runs after them:
             # masking is the last change to a message on its way to the client.
             Mask(config),
+            # Registered after Mask, so its hook runs before masking: injection scanning
+            # reads the upstream's text, then secrets are masked (in its annotation too).
+            Results(config),
         ]
         if (scopes := Scopes.make(config)) is not None:
             stages.append(scopes)                 # mount-wide scopes: cheapest refusal first
@@ -112,8 +125,12 @@ class Gateway:
         self._count_call = authz.count_call
         if pinning is not None:
             stages.append(pinning)
-        # Limits last: a refused or held call never consumes quota.
-        stages.append(RateLimit(authz.policies, make_limiter(config.store)))
+            authz.pinned = pinning.pinned_names
+        # Limits last: a refused or held call never consumes quota.  One limiter for both;
+        # the rate-limit stage (the last, which virtual servers rely on) starts and closes it.
+        limiter = make_limiter(config.store)
+        stages.append(StreamQuota(config, limiter))
+        stages.append(RateLimit(authz.policies, limiter))
         self.stages: tuple[Any, ...] = tuple(stages)
         # See pipeline.py; a stage that says it has nothing to do (authn with auth mode none:
         # every exchange starts anonymous) is left out of the request path.
@@ -125,6 +142,24 @@ class Gateway:
         # Spans name the stages on the request path (see telemetry.tracing).
         self._named_checks = tuple((SPAN_NAMES.get(stage.name, f"mcp.{stage.name}"), checker(stage))
                                    for stage in self.stages if not getattr(stage, "idle", False))
+        # Virtual servers: the front (hygiene, authn, parse) runs against the virtual mount,
+        # the rest of the request order against each origin (gateway/virtual/router.py).
+        # Session and stream (stages[3:5]) are the virtual server's: the client's headers name
+        # the virtual session and stream; the router binds each origin's (virtual/legacy.py).
+        assert self.stages[3] is session and self.stages[4] is self.stream
+        self.virtual = VirtualRouter(
+            config, self.serve,
+            front=tuple(checker(s) for s in self.stages[:3] if not getattr(s, "idle", False)),
+            # The virtual server's own policy section is decided between the origin's stages
+            # and its rate limits: a call refused at either level never consumes quota.
+            origin=tuple(checker(s) for s in self.stages[5:-1] if not getattr(s, "idle", False)),
+            limits=checker(self.stages[-1]),
+            forward=self.forwarder.forward,
+            collect=self.forwarder.collect, policies=authz.policies, catalog=self.catalog,
+            legacy={"sessions": VirtualSessions(self.store, self.sessions, config.store.session_ttl),
+                    "session": checker(session), "event_ids": self.stream.ids,
+                    "open_stream": self.forwarder.open_stream, "path": self.response_path,
+                    "event_limit": config.limits.max_sse_event_bytes})
         self.shutting_down = False
         self.started_at = time.time()
 
@@ -186,16 +221,29 @@ class Gateway:
     # -- the request path ---------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        server = self.config.servers.get(request.match_info["server"])
+        name = request.match_info["server"]
+        server = self.config.servers.get(name)
         if server is None:
+            virtual = self.config.virtual_servers.get(name)
+            if virtual is not None:
+                return await self.serve(Exchange(request, virtual.mount), self.virtual.run)
             count_rejection("_unknown", UnknownMount.reason)
             if self._audit:
                 audit.unknown_mount(request, UnknownMount.status, self._client.of(request))
             return self._error(None, UnknownMount("no MCP server is mounted at this path"))
-        ex = Exchange(request, server)
+        return await self.serve(Exchange(request, server))
+
+    async def serve(self, ex: Exchange, run: Any = None) -> web.StreamResponse:
+        """``run(ex)`` (default: the stages, then the upstream) with everything an exchange
+        gets however it ends: audit, trace, errors.
+
+        Virtual servers call it once for their own exchange and once per sub-exchange to an origin."""
         audit.start(ex)
         trace = ex.trace = self.tracer.begin(ex)
         try:
+            if run is not None:
+                return await run(ex)
+            # A mount's own pipeline, inlined: one coroutine less per request.
             if trace is not None and trace.spans is not None:
                 return await self._recorded(ex, trace)
             for check in self._checks:
@@ -206,14 +254,14 @@ class Gateway:
         except GatewayError as err:
             return self._error(ex, err)
         except Exception:
-            log.exception("gateway.internal_error", server=server.name)
+            log.exception("gateway.internal_error", server=ex.server.name)
             return self._error(ex, GatewayError("internal gateway error"))
         finally:
             if ex.finishers is not None:
                 for finish in ex.finishers:
                     finish(ex)
             self._count_call(ex)
-            audit.finish(ex, self._audit, self._client.of(ex.request) if self._audit else "", self._log_args)
+            audit.finish(ex, self._audit, self._client, self._log_args)
             if trace is not None:
                 self.tracer.end(ex, trace)
 
@@ -270,6 +318,29 @@ def make_public_app(gw: Gateway) -> web.Application:
     return app
 
 
+def _site(runner: web.AppRunner, listener: Any, reuse_port: bool) -> web.BaseSite:
+    """A TCP site for ``listener``; ``::`` means every address, IPv4 included.
+
+    asyncio sets IPV6_V6ONLY on every IPv6 socket it binds, so ``host: "::"`` would
+    listen on IPv6 only and a Kubernetes probe or a compose neighbour reaching the pod's
+    IPv4 address would be refused. The dual-stack socket is made here instead.
+    """
+    if listener.host != "::":
+        return web.TCPSite(runner, listener.host, listener.port, reuse_port=reuse_port)
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("::", listener.port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return web.SockSite(runner, sock)
+
+
 async def serve(config: Config, *, reuse_port: bool = False, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``), then drain in-flight requests."""
@@ -283,7 +354,9 @@ async def serve(config: Config, *, reuse_port: bool = False, ready: asyncio.Even
     # (see Forwarder._client_gone), not at the next event the gateway writes.
     public = GuardedAppRunner(make_public_app(gw), shutdown_timeout=config.shutdown_grace,
                               access_log=None, handle_signals=False, handler_cancellation=True,
-                              header_timeout=config.limits.header_timeout)
+                              header_timeout=config.limits.header_timeout,
+                              keepalive_timeout=config.limits.keepalive_timeout,
+                              max_connections=config.limits.max_client_connections)
     admin = web.AppRunner(make_admin_app(gw.readiness), access_log=None, handle_signals=False)
     await public.setup()
     await admin.setup()
@@ -312,9 +385,9 @@ async def serve(config: Config, *, reuse_port: bool = False, ready: asyncio.Even
     flusher = (asyncio.ensure_future(metrics.flush_every(1.0))
                if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None)
     try:
-        site = web.TCPSite(public, config.listen.host, config.listen.port, reuse_port=reuse_port)
+        site = _site(public, config.listen, reuse_port)
         await site.start()
-        admin_site = web.TCPSite(admin, config.admin.host, config.admin.port, reuse_port=reuse_port)
+        admin_site = _site(admin, config.admin, reuse_port)
         await admin_site.start()
         if config.auth.mode == "none":
             log.warning("gateway.auth_disabled", detail="auth mode 'none': every caller is anonymous",

@@ -44,7 +44,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     if config.policies_path is None:
         print(f"{config.path}:1:1: warning: no 'policies:' configured: every tool, resource, prompt and "
               "method call is refused (default deny; see docs/policy.md)", file=sys.stderr)
-    print(f"{args.config}: OK ({len(config.servers)} server(s))")
+    virtual = "".join(f"\n  virtual server {v.name}: " + ", ".join(f"{i.server} as {i.prefix}*" for i in v.includes)
+                      for v in config.virtual_servers.values())
+    print(f"{args.config}: OK ({len(config.servers)} server(s))"
+          + (f", {len(config.virtual_servers)} virtual server(s){virtual}" if virtual else ""))
     return 0
 
 

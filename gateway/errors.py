@@ -28,6 +28,7 @@ SESSION_NOT_FOUND = -32001      # same code the TypeScript SDK uses
 ACCESS_DENIED = -32003          # authentication or authorization refused
 RATE_LIMITED = -32004
 TOOL_HELD = -32005              # tool definition not approved (pinning)
+RESULT_BLOCKED = -32006         # the upstream's answer looked like a prompt injection (scan_results)
 HEADER_MISMATCH = -32020        # MCP 2026-07-28
 UNSUPPORTED_PROTOCOL_VERSION = -32022
 
@@ -192,6 +193,14 @@ class ToolHeld(GatewayError):
     status = 200
     code = TOOL_HELD
     reason = "tool_held"
+
+
+class ResultBlocked(GatewayError):
+    """The upstream's resources/read answer was withheld: it looked like a prompt injection."""
+
+    status = 200
+    code = RESULT_BLOCKED
+    reason = "result_injection"
 
 
 class RateLimited(GatewayError):

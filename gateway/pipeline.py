@@ -88,8 +88,8 @@ class Exchange:
         "body", "message", "rpc_id", "method", "name", "arguments", "is_request",
         "session", "upstream_session_id", "response_hooks", "audit", "audit_safe", "status",
         "outcome", "reason", "upstream_status", "extra_upstream_headers", "response_headers",
-        "origin", "answered", "replay", "upstream_last_event_id", "final", "finishers", "trace",
-        "upstream_sent", "upstream_wait", "result_bytes", "result_body",
+        "origin", "answered", "replay", "resumable", "upstream_last_event_id", "final", "finishers", "trace",
+        "upstream_sent", "upstream_wait", "result_bytes", "result_body", "limit",
     )
 
     def __init__(self, request: "web.Request", server: "ServerConfig") -> None:
@@ -120,7 +120,7 @@ class Exchange:
         self.outcome = "ok"
         self.reason = ""
         self.upstream_status = 0
-        self.extra_upstream_headers: dict[str, str] | None = None
+        self.extra_upstream_headers: dict[str, str | None] | None = None   # None value: not sent
         # Headers the gateway adds to whatever it answers (CORS for allowed origins).
         self.response_headers: dict[str, str] | None = None
         # The stream stage: where this exchange's stream comes from (which answers it may
@@ -128,6 +128,7 @@ class Exchange:
         self.origin: Any = None
         self.answered = False
         self.replay = False
+        self.resumable = False            # an event id was relayed on this exchange's stream
         self.upstream_last_event_id: str | None = None
         # A head stage that answers by itself (DELETE of a session) sets this.
         self.final: "web.StreamResponse | None" = None
@@ -137,6 +138,9 @@ class Exchange:
         self.trace: Any = None
         # perf_counter when the request went to the upstream (0: it never did), and how long
         # the upstream took to answer with its status and headers.
+        # The limit stage's outcome for the audit record, from a closed set ("allowed",
+        # "refused:<limit id>", "store_error_open", "store_error_closed"); "" when no limit applied.
+        self.limit = ""
         self.upstream_sent = 0.0
         self.upstream_wait = 0.0
         # tools/call: the size of the answer relayed, and the JSON answer itself (the audit

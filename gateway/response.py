@@ -6,11 +6,12 @@ Two phases after the request phase (see ``pipeline.py``):
   known, nothing has been sent.  Head stages run in order; each may raise a
   ``GatewayError`` (the client gets a local reply), add response headers, or
   finish the exchange (``ex.final``: DELETE).  Then the media type decides
-  the framing: a JSON body, an SSE stream, or no body.  A 2xx body in any
+  the framing: a JSON body, an SSE stream, or no body.  (A JSON body that is
+  several messages, one a line, is a line stream: ``inspect/ndjson.py``.)  A 2xx body in any
   other media type, another charset than UTF-8, or a content coding is
   refused (502): the gateway could not read it, so it does not relay it.
 - **per message** (``ResponsePath.message``): every JSON-RPC message of the
-  answer, the JSON body or each SSE event's data, live or replayed, goes
+  answer, the JSON body, each NDJSON line or each SSE event's data, live or replayed, goes
   through the one strict codec (``codec.decode``).  The stream stage admits
   it to this stream (answers only to their own request), then the hooks the
   request-phase stages registered on the exchange run in the declared
@@ -29,6 +30,7 @@ import structlog
 
 from .codec import JSON, SSE, CodecError, Message, decode, media_type
 from .errors import GatewayError, UpstreamInvalid
+from .inspect.ndjson import is_line_stream
 from .inspect.sse import SSEEvent, encode_event
 from .telemetry.metrics import BOUND, UPSTREAM_ERRORS
 from .telemetry.redact import redact_value, scrub_text
@@ -47,7 +49,7 @@ _KEEPALIVE = b": keepalive\n\n"
 
 
 class StreamAbort(Exception):
-    """An SSE event that cannot be relayed on a request's stream: end it with ``error`` in band."""
+    """A streamed message that cannot be relayed on a request's stream: end it with ``error`` in band."""
 
     def __init__(self, error: GatewayError) -> None:
         super().__init__(error.message)
@@ -60,12 +62,17 @@ def _refuse(ex: "Exchange", reason: str, message: str) -> UpstreamInvalid:
     return UpstreamInvalid(message, reason=reason)
 
 
+class LineStream(Exception):
+    """A complete JSON body that is several messages, one a line (NDJSON): relay it as a line stream."""
+
+
 class ResponsePath:
     """Head stages, then the per-message order; built once by ``app.py``."""
 
-    def __init__(self, head: Sequence[HeadHook], stream: "Stream") -> None:
+    def __init__(self, head: Sequence[HeadHook], stream: "Stream", line_limit: int = 16 * 1024 * 1024) -> None:
         self._head = tuple(head)
         self._stream = stream
+        self.line_limit = line_limit      # limits.max_sse_event_bytes: one streamed message
 
     async def head(self, ex: "Exchange", status: int, headers: Any, out: "CIMultiDict[str]") -> str:
         """Run the head stages; the framing of the body (``JSON``, ``SSE`` or ``EMPTY``)."""
@@ -119,15 +126,41 @@ class ResponsePath:
     def json_body(self, ex: "Exchange", body: bytes) -> bytes:
         """The JSON body to relay (before the response starts).  Raises ``GatewayError``."""
         if not body:
+            if ex.is_request:       # an empty body answers nothing: the client would wait forever
+                raise _refuse(ex, "upstream_empty_answer", "the upstream MCP server answered a request with "
+                                                           "an empty body")
             return body
         try:
             msg = self.message(ex, body)
         except CodecError as exc:
+            if exc.reason == "invalid_json" and is_line_stream(body, self.line_limit):
+                raise LineStream() from None     # several messages, one a line: relayed one by one
             raise _refuse(ex, "upstream_" + exc.reason,
                           "the upstream MCP server sent a message the gateway could not parse") from None
         if msg is None:
             raise _refuse(ex, "upstream_misrouted", "the upstream MCP server's reply does not answer the request")
         return msg.raw
+
+    def line(self, ex: "Exchange", line: bytes) -> bytes | None:
+        """One NDJSON line to relay, newline included, or None to drop it.  Raises ``StreamAbort``.
+
+        Checked exactly as an SSE event's data.  A line that cannot be decoded ends
+        the stream whether or not the request was answered: unlike an SSE event,
+        a line carries no framing of its own that a client could skip it by.
+        """
+        if not line.strip():
+            return b"\n"                  # a keep-alive: relayed as an empty line
+        try:
+            msg = self.message(ex, line)
+        except CodecError as exc:
+            raise StreamAbort(_refuse(ex, "upstream_" + exc.reason,
+                                      "the upstream MCP server sent a message the gateway could not parse")) from None
+        except GatewayError as err:       # a hook refused the message: the request's answer is an error
+            ex.outcome, ex.reason = "error", err.reason
+            return error_body(err, ex.rpc_id) + b"\n"
+        if msg is None:
+            return None
+        return msg.raw + b"\n"
 
     def event(self, ex: "Exchange", ev: SSEEvent) -> bytes | None:
         """One SSE event to relay, or None to drop it.  Raises ``StreamAbort``."""

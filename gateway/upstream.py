@@ -5,9 +5,11 @@ One connection pool per server.  The client's ``Authorization`` and
 config.  What comes back is handed to the response path (``response.py``,
 ordered by ``app.py``) at two points: the head (status and headers, before
 anything is sent) and each message.  SSE is framed into whole events and
-written one event at a time (never buffered beyond one event); JSON bodies
+written one event at a time (never buffered beyond one event: ``relay.py``); JSON bodies
 are read whole (bounded) so an upstream failure can still be answered with a
-proper JSON-RPC error.  Once a response has started, errors go in-band as a
+proper JSON-RPC error, unless they turn out to be a line stream (NDJSON, one
+message a line: ``inspect/ndjson.py``), which is relayed line by line in the
+same framing.  Once a response has started, errors go in-band as a
 JSON-RPC error event.  This module imports neither the store nor the policy.
 """
 from __future__ import annotations
@@ -18,25 +20,25 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import aiohttp
-import orjson
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .codec import SSE
+from .codec import SSE, CodecError
 from .errors import (
     GatewayError, Unavailable, UpstreamAuthRefused, UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable,
 )
+from .inspect.ndjson import LineProbe
 from .inspect.sse import SSEFramer, SSETooLarge
-from .response import EMPTY, ResponsePath, StreamAbort, error_body, error_event
-from .telemetry.metrics import BOUND, SSE_EVENTS_TALLY, STREAMS_LEVEL, UPSTREAM_CONNECTIONS, UPSTREAM_ERRORS, Sampler
+from .response import EMPTY, LineStream, ResponsePath
+from .telemetry.metrics import BOUND, UPSTREAM_CONNECTIONS, UPSTREAM_ERRORS, Sampler
+from .relay import StreamRelay
 from .upstream_http import Pool, PoolExhausted, Response, UnsafeHeader
 
 if TYPE_CHECKING:
     from .config.model import Config, ServerConfig
     from .pipeline import Exchange
 
-_STREAMS = STREAMS_LEVEL.levels
 log = structlog.get_logger("gateway.upstream")
 
 # The client headers an upstream may see: an allow-list, decided on the lower-case name
@@ -160,7 +162,7 @@ class Upstreams:
                              *(c.close() for c in self.clients.values()), return_exceptions=True)
 
 
-class Forwarder:
+class Forwarder(StreamRelay):
     def __init__(self, config: "Config", upstreams: Upstreams, path: ResponsePath,
                  credentials: dict[str, Any], identity_headers: frozenset[str] = frozenset()) -> None:
         self._config = config
@@ -172,6 +174,14 @@ class Forwarder:
         self._response_filter = _RESPONSE_FILTER
         self._event_limit = config.limits.max_sse_event_bytes
         self._json_limit = config.limits.max_response_bytes
+        self._stream_buffer = config.limits.max_stream_buffer_bytes
+        self._write_timeout = config.limits.stream_write_timeout
+        # A write that leaves the transport's buffer under its high-water mark cannot pause
+        # it, so it cannot wait for the client: only the others arm the write timer.  (64:
+        # the chunked framing aiohttp adds to each write.)
+        self._room = self._stream_buffer - 64
+        self._idle_timeout = config.limits.stream_idle_timeout
+        self._keepalive = config.limits.stream_keepalive_interval
 
     def _base_headers(self, ex: "Exchange") -> dict[str, str]:
         """The client's allow-listed headers (less any that ``Connection`` names hop-by-hop)."""
@@ -193,8 +203,16 @@ class Forwarder:
         provider = self._creds.get(ex.server.name)
         if provider is not None:
             out.update(await provider.headers(ex))
-        if ex.extra_upstream_headers:
-            out.update(ex.extra_upstream_headers)
+        extra = ex.extra_upstream_headers
+        if extra:
+            # Replaces the client's header whatever its case (Mcp-Name); None: not sent at all.
+            names = {k.lower(): k for k in out}
+            for name, value in extra.items():
+                other = names.get(name.lower())
+                if other is not None:
+                    del out[other]
+                if value is not None:
+                    out[name] = value
         return out
 
     async def forward(self, ex: "Exchange") -> web.StreamResponse:
@@ -242,6 +260,94 @@ class Forwarder:
             if not handed_off:
                 resp.release()
 
+    async def _own_request(self, ex: "Exchange", method: str) -> Response:
+        """``ex`` sent for the gateway itself (a virtual server): foreign errors translated."""
+        server = ex.server
+        headers = await self._headers(ex)
+        try:
+            ex.upstream_sent = sent = time.perf_counter()
+            resp = await self._upstreams.pools[server.name].request(method, headers, ex.body)
+            ex.upstream_wait = time.perf_counter() - sent
+        except PoolExhausted:
+            self._count(server, "pool_exhausted")
+            raise Unavailable("every connection to the upstream MCP server is busy",
+                              reason="upstream_pool_exhausted") from None
+        except asyncio.TimeoutError as exc:
+            self._count(server, "timeout")
+            raise UpstreamTimeout("the upstream MCP server did not answer in time") from exc
+        except (aiohttp.ClientError, UnsafeHeader) as exc:
+            self._count(server, "unreachable")
+            raise UpstreamUnavailable("the upstream MCP server is unreachable") from exc
+        return resp
+
+    async def open_stream(self, ex: "Exchange") -> Response | None:
+        """The GET stream of ``ex``'s upstream session, for the gateway itself (a virtual server's
+        merged stream): the response after the head path, or None when the upstream offers none."""
+        resp = await self._own_request(ex, "GET")
+        try:
+            ex.upstream_status = status = resp.status
+            if status in (400, 405):       # no stream offered (the spec's 405; some servers say 400)
+                resp.release()
+                return None
+            if status >= 300:
+                self._refuse_status(ex, status)
+            if await self._path.head(ex, status, resp.headers, CIMultiDict()) != SSE:
+                resp.release()
+                return None
+            return resp
+        except BaseException:
+            resp.release()
+            raise
+
+    async def collect(self, ex: "Exchange", method: str | None = None) -> web.Response:
+        """``ex``'s answer read whole for the gateway itself (a virtual server's fan-out).
+
+        The same head and message path as ``forward`` (so the origin's hooks, pinning
+        and the policy filter, see every message); on an SSE answer only the message
+        answering ``ex`` is kept: a list request has no progress to relay.  ``method``:
+        the HTTP method when it is not the client's (a virtual session opening an origin
+        session during a GET).
+        """
+        server = ex.server
+        resp = await self._own_request(ex, method or ex.request.method)
+        try:
+            ex.upstream_status = status = resp.status
+            if status >= 300:
+                self._refuse_status(ex, status)
+            framing = await self._path.head(ex, status, resp.headers, CIMultiDict())
+            ex.status = status
+            if framing != SSE:
+                body, lines = await self._read_body(resp) if framing != EMPTY else (b"", False)
+                if lines:   # a line stream where one answer is collected (a virtual server's list)
+                    raise UpstreamInvalid("the upstream answered with a stream where one JSON answer was expected",
+                                          reason="upstream_invalid_json")
+                if len(body) > self._json_limit:
+                    raise UpstreamInvalid("the upstream reply exceeds the gateway's response size limit",
+                                          reason="upstream_too_large")
+                return web.Response(status=status, body=self._path.json_body(ex, body))
+            framer = SSEFramer(self._event_limit)
+            while not ex.answered:
+                chunk = await resp.content.readany()
+                if not chunk:
+                    break
+                for ev in framer.feed(chunk):
+                    if not ev.data or ev.invalid:
+                        continue
+                    msg = self._path.message(ex, ev.data)
+                    if msg is not None and msg.kind in ("result", "error") and ex.answered:
+                        return web.Response(status=200, body=msg.raw)
+            raise UpstreamInvalid("the upstream MCP server ended the stream without an answer",
+                                  reason="upstream_stream_broken")
+        except (aiohttp.ClientError, SSETooLarge) as exc:
+            self._count(server, "stream_broken")
+            raise UpstreamInvalid("the upstream MCP server broke off its reply",
+                                  reason="upstream_stream_broken") from exc
+        except CodecError:
+            raise UpstreamInvalid("the upstream MCP server sent a message the gateway could not parse",
+                                  reason="upstream_invalid_json") from None
+        finally:
+            resp.release()
+
     async def send(self, server: "ServerConfig", method: str, headers: dict[str, str]) -> int:
         """A request of the gateway's own (e.g. ending an orphaned upstream session): its status."""
         resp = await self._upstreams.pools[server.name].request(method, headers, None)
@@ -260,6 +366,11 @@ class Forwarder:
             if provider is not None and hasattr(provider, "invalidate"):
                 provider.invalidate()    # a cached client-credentials token is fetched anew
             raise UpstreamAuthRefused("the upstream MCP server refused the gateway's credentials")
+        if status > 599:
+            # llhttp reads any three digits; RFC 9110 statuses end at 599 and clients choke on more.
+            self._count(server, "invalid_status")
+            raise UpstreamInvalid(f"the upstream MCP server answered HTTP {status}",
+                                  reason="upstream_invalid_status")
         if 300 <= status < 400:
             # A redirect names the upstream's own URL: relaying it would leak it and send
             # the client around the gateway.  It means servers.<name>.url is not the endpoint.
@@ -292,26 +403,32 @@ class Forwarder:
         if framing == EMPTY:
             return web.Response(status=status, headers=out_headers), False
         try:
-            body = await self._read_body(resp)
+            body, lines = await self._read_body(resp)
         except asyncio.TimeoutError as exc:
             self._count(server, "timeout")
             raise UpstreamTimeout("the upstream MCP server stopped answering") from exc
         except aiohttp.ClientError as exc:
             self._count(server, "broken_response")
             raise UpstreamInvalid("the upstream MCP server broke off its reply") from exc
+        if lines:
+            return await self._relay_lines(ex, resp, out_headers, body)
         if len(body) > self._json_limit:
             self._count(server, "response_too_large")
             raise UpstreamInvalid("the upstream reply exceeds the gateway's response size limit",
                                   reason="upstream_too_large")
-        body = self._path.json_body(ex, body)
+        try:
+            body = self._path.json_body(ex, body)
+        except LineStream:
+            return await self._relay_lines(ex, resp, out_headers, body)
         if ex.method == "tools/call":
             # The result is never logged; its size and hash are (the audit record).
             ex.result_bytes = len(body)
             ex.result_body = body
         return web.Response(status=status, body=body, headers=out_headers), False
 
-    async def _read_body(self, resp: Response) -> bytes:
-        """The whole body, or the first ``limit + 1`` bytes when it is larger.
+    async def _read_body(self, resp: Response) -> tuple[bytes, bool]:
+        """``(body, False)``: the whole body, or its first ``limit + 1`` bytes when larger;
+        ``(prefix, True)``: what arrived so far of a line stream (see ``inspect/ndjson.py``).
 
         ``StreamReader.read(n)`` returns what is buffered *up to* n bytes, not n
         bytes: a reply arriving in several TCP reads must be read in a loop.
@@ -319,111 +436,23 @@ class Forwarder:
         content = resp.content
         first = await content.readany()
         if content.at_eof() or not first:
-            return first            # the common case: the whole body arrived in one read
+            return first, False     # the common case: the whole body arrived in one read
         chunks: list[bytes] = [first]
         size = len(first)
+        # A body still arriving may be a line stream that never ends: decided on its first line.
+        probe: LineProbe | None = LineProbe(self._event_limit)
         while size <= self._json_limit:
+            if probe is not None:
+                found = probe.feed(chunks[-1])
+                if found:
+                    return b"".join(chunks), True
+                if found is False:
+                    probe = None
             chunk = await content.readany()
             if not chunk:
                 break
             chunks.append(chunk)
             size += len(chunk)
-        return b"".join(chunks)
+        return b"".join(chunks), False
 
-    # -- SSE ----------------------------------------------------------------------
-
-    async def _relay_sse(self, ex: "Exchange", resp: Response,
-                         headers: CIMultiDict[str]) -> tuple[web.StreamResponse, bool]:
-        key = (ex.server.name,)
-        _STREAMS[key] = _STREAMS.get(key, 0) + 1
-        try:
-            return await self._relay_sse_open(ex, resp, headers)
-        finally:
-            _STREAMS[key] -= 1
-
-    async def _relay_sse_open(self, ex: "Exchange", resp: Response,
-                              headers: CIMultiDict[str]) -> tuple[web.StreamResponse, bool]:
-        headers["Content-Type"] = "text/event-stream"
-        headers["X-Accel-Buffering"] = "no"
-        headers.setdefault("Cache-Control", "no-cache")
-        out = web.StreamResponse(status=resp.status, headers=headers)
-        ex.status = resp.status
-        await out.prepare(ex.request)
-        framer = SSEFramer(self._event_limit)
-        relay = self._path.event
-        sse_events = SSE_EVENTS_TALLY.pending
-        sse_key = (ex.server.name,)
-        relayed = 0
-        content = resp.content
-        while True:
-            try:
-                chunk = await content.readany()
-            except asyncio.TimeoutError:
-                await self._end_with_error(ex, out, UpstreamTimeout("the upstream MCP server went silent"))
-                return out, False
-            except (aiohttp.ClientError, SSETooLarge) as exc:
-                self._count(ex.server, "stream_broken")
-                await self._end_with_error(ex, out, UpstreamInvalid(
-                    "the upstream MCP server broke off the stream", reason="upstream_stream_broken"))
-                log.warning("upstream.stream_broken", server=ex.server.name, error=type(exc).__name__)
-                return out, False
-            if not chunk:
-                break
-            try:
-                events = framer.feed(chunk)
-            except SSETooLarge:
-                await self._end_with_error(ex, out, UpstreamInvalid(
-                    "an SSE event from the upstream exceeded the size limit", reason="upstream_too_large"))
-                return out, False
-            for ev in events:
-                try:
-                    data = relay(ex, ev)
-                except StreamAbort as abort:
-                    await self._end_with_error(ex, out, abort.error)
-                    return out, False
-                if not data:
-                    continue
-                try:
-                    await out.write(data)
-                except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                    return out, self._client_gone(ex, resp)
-                sse_events[sse_key] = sse_events.get(sse_key, 0) + 1
-                if ex.method == "tools/call":
-                    ex.result_bytes = relayed = relayed + len(data)   # events relayed so far
-        if framer.pending:
-            # Closed mid-event: the half event is dropped, never forwarded.
-            self._count(ex.server, "stream_broken")
-            await self._end_with_error(ex, out, UpstreamInvalid(
-                "the upstream MCP server broke off the stream", reason="upstream_stream_broken"))
-            return out, False
-        try:
-            await out.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            pass
-        return out, False
-
-    async def _end_with_error(self, ex: "Exchange", out: web.StreamResponse, err: GatewayError) -> None:
-        ex.outcome = "error"
-        ex.reason = err.reason
-        if ex.is_request and not ex.answered:
-            try:
-                await out.write(error_event(err, ex.rpc_id))
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                return
-        try:
-            await out.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            pass
-
-    def _client_gone(self, ex: "Exchange", resp: Response) -> bool:
-        """The client disconnected mid-stream: mirror the disconnect upstream.
-
-        The upstream then applies its own era's rule, exactly as if the client
-        had been connected to it directly: in 2025-11-25 a disconnect is not a
-        cancellation (the call runs on and the client resumes with
-        ``Last-Event-ID``, which needs the old stream to be detached first); in
-        2026-07-28 closing the stream is the cancellation.
-        """
-        ex.outcome = "client_gone"
-        resp.close()
-        return True
+    # -- streams: SSE, and NDJSON line streams ---------------------------------------

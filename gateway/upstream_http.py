@@ -144,6 +144,10 @@ class Response:
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
 
+    def set_timeout(self, seconds: float) -> None:
+        """The longest each later wait for data may take (a stream's keep-alive tick, its idle limit)."""
+        self._timeout = seconds
+
     def release(self) -> None:
         if not self._eof:
             self.close()

@@ -169,17 +169,21 @@ async def test_unknown_kids_inside_the_cooldown_schedule_one_fetch_when_it_ends(
     v, keys = await verifier(issuer, session, jwks_cooldown=0.3)
     try:
         assert await issuer.served.get() == 1                            # the start-up fetch
+        # The first unknown kid fetches at once (the start-up fetch starts no cool-down) ...
+        assert await refused(v, sign(new, "RS256", kid="x-first", iss=issuer.issuer),
+                             issuer.issuer) == "token_unknown_kid"
+        assert await issuer.served.get() == 2
         issuer.keys.insert(0, public_jwk(new, "new", "RS256"))           # the AS rotates
         token = sign(new, "RS256", kid="new", iss=issuer.issuer)
-        for i in range(20):                                              # inside the cool-down
+        for i in range(20):                                              # ... the next ones cool down
             assert await refused(v, sign(new, "RS256", kid=f"x-{i}", iss=issuer.issuer),
                                  issuer.issuer) == "token_unknown_kid"
         assert await refused(v, token, issuer.issuer) == "token_unknown_kid"
-        assert issuer.fetches == 1
-        assert await asyncio.wait_for(issuer.served.get(), 5.0) == 2    # one fetch as the cool-down ends
+        assert issuer.fetches == 2
+        assert await asyncio.wait_for(issuer.served.get(), 5.0) == 3    # one fetch as the cool-down ends
         await asyncio.wait_for(keys._inflight, 5.0)
         ok = await v.verify(token, frozenset({issuer.issuer}))
-        assert ok.principal.subject == "alice" and issuer.fetches == 2
+        assert ok.principal.subject == "alice" and issuer.fetches == 3
     finally:
         await keys.close()
 

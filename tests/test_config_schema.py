@@ -46,9 +46,14 @@ listen: {host: 127.0.0.1, port: 8080}
 admin: {host: 127.0.0.1, port: 9464}
 public_url: https://mcp.example.com
 store:
-  url: rediss://redis.example.com:6380/0
   prefix: "gw:"
   session_ttl: 8h
+  sentinel:
+    master: mymaster
+    nodes: ["10.0.0.1:26379", "sentinel-2.example.com:26379", "[fd00::3]:26379"]
+    db: 1
+    password: env:REDIS_PASSWORD
+    sentinel_password: file:/run/secrets/sentinel
 auth:
   mode: oauth
   allow_none_on_public_listener: false
@@ -111,6 +116,7 @@ servers:
       rules: [extra-rules.yaml]
       ignore_fields: [_meta]
       recheck_after: 1m
+    scan_results: {action: mask, tools: ["read_*"], resources: ["file:///**"], min_severity: medium, max_chars: 65536}
     connect_timeout: 2s
     read_timeout: 10m
     max_connections: 32
@@ -149,6 +155,15 @@ servers:
         audience: c-api
         requested_token_type: urn:ietf:params:oauth:token-type:jwt
         cache_size: 100
+virtual_servers:
+  team:
+    description: static and the search tools of bearer
+    include:
+      - server: static
+      - {server: bearer, prefix: b_, tools: ["search_*"], prompts: [greet]}
+    origin_timeout: 2s
+    cursor_secret: env:TEAM_CURSOR_SECRET
+    auth: {issuers: [https://idp.example.com/realms/acme], scopes: [mcp:read]}
 """
 
 NO_AUTH_LOOPBACK = """\
@@ -165,7 +180,7 @@ NO_AUTH_PUBLIC = """\
 listen: {host: "::", port: 8080}
 admin: {host: "::", port: 9464}
 public_url: https://mcp.example.com
-store: redis://redis:6379/0
+store: {url: "rediss://redis.example.com:6380/0", limit_timeout: 100ms, lease_ttl: 10s}
 auth: {mode: none, allow_none_on_public_listener: true, issuers: []}
 servers:
   local:
@@ -243,7 +258,7 @@ def locate(config: dict[str, Any], path: str) -> dict[str, Any]:
 
 def normalize(path: str) -> str:
     """``servers.m2m.credentials`` -> ``servers.*.credentials``; ``issuers[1]`` -> ``issuers[]``."""
-    return re.sub(r"\[\d+\]", "[]", re.sub(r"^servers\.[^.]+", "servers.*", path))
+    return re.sub(r"\[\d+\]", "[]", re.sub(r"^(virtual_servers|servers)\.[^.]+", r"\1.*", path))
 
 
 @pytest.fixture(scope="module")
@@ -416,12 +431,13 @@ def test_the_curated_configs_use_every_credential_kind_and_both_auth_modes() -> 
 # --------------------------------------------------------------------------- (b) unknown keys
 
 UNKNOWN_KEY_SECTIONS = [
-    "", "listen", "admin", "store", "auth", "auth.issuers[0]", "auth.issuers[1]",
+    "", "listen", "admin", "store", "store.sentinel", "auth", "auth.issuers[0]", "auth.issuers[1]",
     "auth.issuers[0].introspection", "http", "limits", "logging", "logging.redact", "tracing",
     "servers.static", "servers.static.credentials", "servers.static.auth", "servers.static.pinning",
-    "servers.static.pinning.findings", "servers.m2m.credentials",
+    "servers.static.pinning.findings", "servers.static.scan_results", "servers.m2m.credentials",
     "servers.m2m.credentials.client_credentials", "servers.obo.credentials",
-    "servers.obo.credentials.token_exchange",
+    "servers.obo.credentials.token_exchange", "virtual_servers.team", "virtual_servers.team.include[1]",
+    "virtual_servers.team.auth",
 ]
 
 
@@ -505,6 +521,8 @@ def _auth_none_only(keep: str) -> Callable[[dict[str, Any]], None]:
         c["auth"] = {"mode": "none"}
         for name, server in list(c["servers"].items()):
             server.pop("auth", None)
+            for virtual in c.get("virtual_servers", {}).values():
+                virtual.pop("auth", None)
             if "token_exchange" in server.get("credentials", {}) and keep != "token_exchange":
                 del c["servers"][name]
         if keep == "scopes":
@@ -585,6 +603,15 @@ AGREEMENT = [
      _set("servers.static.pinning", "ignore_fields", ["_meta", "description"]), False),
     ("a recheck under a second is refused", _set("servers.static.pinning", "recheck_after", 0.5), False),
     ("a server timeout of zero is refused", _set("servers.static", "connect_timeout", 0), False),
+    ("a sentinel store may leave out db and passwords", lambda c: (
+        _del("store.sentinel", "db")(c), _del("store.sentinel", "password")(c),
+        _del("store.sentinel", "sentinel_password")(c)), True),
+    ("a store with both url and sentinel is refused", _set("store", "url", "redis://redis:6379/0"), False),
+    ("a sentinel store needs master", _del("store.sentinel", "master"), False),
+    ("a sentinel store needs nodes", _del("store.sentinel", "nodes"), False),
+    ("a sentinel store needs at least one node", _set("store.sentinel", "nodes", []), False),
+    ("a sentinel node without a port is refused", _set("store.sentinel", "nodes", ["10.0.0.1"]), False),
+    ("an inline sentinel password is refused", _set("store.sentinel", "password", "hunter2"), False),
     ("a server name with capitals is refused",
      lambda c: c["servers"].__setitem__("Static", c["servers"].pop("static")), False),
 ]

@@ -84,6 +84,8 @@ CHECK_CASES = [
      BASE + "    credentials: {header: X-Api-Key, value: sk-live-0123456789}\n", (9, 38)),
     ("unresolvable env: reference", BASE + "    credentials: {header: X-Api-Key, value: 'env:E2E_NOT_SET_ANYWHERE'}\n",
      (9, 38)),
+    ("negative stream limit", BASE + "limits: {max_streams_per_principal: -1}\n", (9, 10)),
+    ("stream idle timeout that is not a duration", BASE + "limits: {stream_idle_timeout: soon}\n", (9, 10)),
     ("mode none on a non-loopback listener without the second flag",
      BASE.replace("listen: {host: 127.0.0.1", "listen: {host: 0.0.0.0"), (4, 8)),
 ]

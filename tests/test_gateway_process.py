@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import Factory
 from tests.support.components import Gateway, Upstream
+from tests.support.procs import free_port
 from tests.support.gw_helpers import (
     Event, Stack, child_pids, http_client, listener_pids, modern_headers, modern_params, next_event, peer_pid,
     post, read_events, request, rpc, stack, start_gateway_argv, with_policy,  # noqa: F401  (fixture)
@@ -87,6 +88,8 @@ async def test_sigterm_turns_readyz_unready_first_keeps_accepting_for_the_delay_
     assert reply.status == 200
     assert not any("gateway.stopping" in line for line in gw.log_lines())
     await asyncio.to_thread(gw.wait_for_log, {"event": "gateway.stopping"}, 10.0)
+    # With nothing in flight the process may exit between two probes: wait_until probes once
+    # more after the exit, and a closed listener is what is asked.
     await asyncio.to_thread(gw.proc.wait_until, refuses_connections(port), 10.0, "listener closed")
     assert await asyncio.to_thread(gw.proc.popen.wait, 20) == 0
 
@@ -141,3 +144,20 @@ async def test_mode_none_logs_a_warning_at_start(up: Upstream, gateway: Factory[
     gw = await gateway.astart(with_policy({"servers": {"up": up}}, tmp_path))
     entry = await asyncio.to_thread(gw.wait_for_log, {"event": "gateway.auth_disabled"})
     assert entry["level"] == "warning"
+
+
+@pytest.mark.skipif(not socket.has_ipv6 or not Path("/proc/net/if_inet6").exists(), reason="no IPv6 stack")
+async def test_host_double_colon_listens_on_ipv4_and_ipv6(
+        up: Upstream, gateway: Factory[Gateway], tmp_path: Path, http: Any) -> None:
+    """``host: "::"`` (the shipped container configs) must mean every address. asyncio
+    binds IPv6 sockets IPv6-only, which refused the IPv4 address a Kubernetes probe or
+    a compose neighbour uses. The only test that binds beyond loopback, for one request."""
+    port = free_port()
+    config = with_policy({"servers": {"up": up}, "listen": {"host": "::", "port": port},
+                          "auth": {"mode": "none", "allow_none_on_public_listener": True}}, tmp_path)
+    await gateway.astart(config)
+    for host in ("127.0.0.1", "[::1]"):
+        reply = await post(http, f"http://{host}:{port}/mcp/up", rpc("initialize", {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}),
+            headers={"Host": f"127.0.0.1:{port}"})
+        assert reply.status == 200, (host, reply.status)

@@ -154,6 +154,9 @@ async def test_a_stream_silent_past_read_timeout_ends_with_an_in_band_timeout_er
     progress = [m for m in reply.messages if m and m.get("method") == "notifications/progress"]
     assert [p["params"]["progress"] for p in progress] == [1]
     assert_error(reply.messages[-1], body["id"], "upstream_timeout")
+    gw.wait_for_log({"event": "upstream.stream_silent", "server": "slow-sse"})
+    metrics = (await request(http, "GET", gw.admin_url + "/metrics")).body.decode()
+    assert 'mcpgw_upstream_errors_total{reason="timeout",server="slow-sse"}' in metrics
 
 
 # -- a kept-alive connection closed by the upstream as a request arrives (#15 item 7) ----------

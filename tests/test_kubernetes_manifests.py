@@ -7,11 +7,14 @@ covers ``shutdown_delay`` + ``shutdown_grace``; ``--metrics-dir`` points at a wr
 emptyDir.  The generated config and policies pass the gateway's own checks, no Secret
 value is committed, the NetworkPolicy opens only the public port (and the admin port to
 monitoring), and the PrometheusRule holds exactly the alert rules of
-deploy/observability.  Finally the gateway runs the base config with the Deployment's
-arguments (ports moved to loopback) and answers both probes.
+deploy/observability.  Every resource validates offline against the Kubernetes schemas
+bundled in kubernetes-validate; the Prometheus operator's CRDs, absent from them, are checked
+structurally.  Finally the gateway runs the base config with the Deployment's arguments
+(ports moved to loopback) and answers both probes.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -108,6 +111,94 @@ def test_the_generated_config_and_policies_pass_the_gateways_own_check(which: st
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+# The Prometheus operator's CRDs are not in the Kubernetes schemas kubernetes-validate ships:
+# checked structurally instead, for what the operator's CRD (monitoring.coreos.com/v1) requires
+# and for what makes them work here.  Not a full schema validation.
+_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+_DURATION = re.compile(r"^(0|([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?)$")
+_GROUP_KEYS = {"name", "rules", "interval", "labels", "limit", "partial_response_strategy", "query_offset"}
+_RULE_KEYS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+
+
+def _check_service_monitor(sm: dict[str, Any], docs: list[dict[str, Any]]) -> None:
+    """Its selector picks exactly one Service of the build, in its namespace, exposing each
+    endpoint's named port, and that Service reaches the gateway pods' admin port."""
+    spec = sm["spec"]
+    assert set(spec) <= {"selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels",
+                         "podTargetLabels", "sampleLimit"}, set(spec)
+    assert "namespaceSelector" not in spec                     # its own namespace only
+    wanted = spec["selector"]["matchLabels"]
+    services = [d for d in docs if d["kind"] == "Service"
+                and d["metadata"].get("namespace") == sm["metadata"].get("namespace")
+                and wanted.items() <= d["metadata"].get("labels", {}).items()]
+    assert len(services) == 1, [s["metadata"]["name"] for s in services]
+    (svc,) = services
+    pod = _one(docs, "Deployment", "mcp-gateway")["spec"]["template"]
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (c,) = [c for c in pod["spec"]["containers"] if c["name"] == "gateway"]
+    assert spec["endpoints"]
+    for ep in spec["endpoints"]:
+        (port,) = [p for p in svc["spec"]["ports"] if p["name"] == ep["port"]]
+        assert port["targetPort"] == "admin" and "admin" in {p["name"] for p in c["ports"]}
+        assert ep.get("path", "/metrics") == "/metrics"
+        assert _DURATION.match(ep.get("interval", "0")), ep
+
+
+def _check_prometheus_rule(rule: dict[str, Any], tmp_path: Path) -> None:
+    """Group and rule keys the CRD knows, unique group names, durations in its pattern, and
+    the groups load in Prometheus (promtool check rules)."""
+    groups = rule["spec"]["groups"]
+    names = [g["name"] for g in groups]
+    assert names and all(names) and len(set(names)) == len(names), names
+    for group in groups:
+        assert set(group) <= _GROUP_KEYS, set(group)
+        for r in group["rules"]:
+            assert set(r) <= _RULE_KEYS and ("alert" in r) != ("record" in r) and r["expr"], r
+            assert _DURATION.match(r.get("for", "0")), r
+            assert all(isinstance(v, str) for v in {**r.get("labels", {}), **r.get("annotations", {})}.values())
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: run `make prometheus` (Debian package prometheus)")
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": groups}))
+    out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("which", OVERLAYS)
+def test_every_manifest_validates_against_the_kubernetes_schemas_offline(which: str, tmp_path: Path) -> None:
+    """Strict validation (unknown fields refused) against the schemas bundled in PyPI
+    kubernetes-validate for the three newest Kubernetes minors it knows (those upstream still
+    supports), no cluster and no network; the operator's CRDs structurally."""
+    import kubernetes_validate
+    from kubernetes_validate.utils import all_versions
+
+    docs = _build(which)
+    minors = {tuple(int(x) for x in v.split(".")[:2]): v for v in sorted(
+        set(all_versions()), key=lambda v: tuple(int(x) for x in v.split(".")))}
+    versions = [minors[m] for m in sorted(minors)[-3:]]
+    assert kubernetes_validate.latest_version() in versions
+    checked = 0
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in _OPERATOR_KINDS:
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1" and set(doc) == {
+                "apiVersion", "kind", "metadata", "spec"}, name
+            if doc["kind"] == "ServiceMonitor":
+                _check_service_monitor(doc, docs)
+            else:
+                _check_prometheus_rule(doc, tmp_path)
+            continue
+        for version in versions:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{which}: {name} on Kubernetes {version}: {exc.message} at {list(exc.path)}")
+        checked += 1
+    assert checked >= 6
+    assert {d["kind"] for d in docs} >= _OPERATOR_KINDS
+
+
 def test_the_network_policy_opens_only_the_public_port_and_the_admin_port_to_monitoring() -> None:
     np = _one(_build("base"), "NetworkPolicy")
     rules = np["spec"]["ingress"]
@@ -122,7 +213,7 @@ def test_the_network_policy_opens_only_the_public_port_and_the_admin_port_to_mon
 def test_the_prometheus_rule_holds_exactly_the_alert_rules() -> None:
     rule = _one(_build("base"), "PrometheusRule")
     alerts = yaml.safe_load((REPO / "deploy" / "observability" / "prometheus" / "alerts.yml").read_text())
-    assert rule["spec"]["groups"] == alerts["groups"]
+    assert rule["spec"]["groups"] == alerts["groups"], "regenerate: python deploy/kubernetes/gen_prometheusrule.py"
     monitor = _one(_build("base"), "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "admin"
 

@@ -38,7 +38,11 @@ def test_counter_tally_matches_direct_increments() -> None:
         metrics._TALLIES.remove(tally)
 
 
-def test_histogram_tally_matches_observe_bucket_for_bucket() -> None:
+@pytest.mark.parametrize("raw_max", [HistogramTally.RAW_MAX, 7])
+def test_histogram_tally_matches_observe_bucket_for_bucket(raw_max: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw values bucketed in bulk (at flush, or each time a list holds ``RAW_MAX``) land in
+    the same buckets as ``Histogram.observe`` puts them one by one, bounds included."""
+    monkeypatch.setattr(HistogramTally, "RAW_MAX", raw_max)
     direct_reg, tally_reg = CollectorRegistry(), CollectorRegistry()
     direct = Histogram("t_seconds", "doc", ["server"], buckets=DURATION_BUCKETS, registry=direct_reg)
     tallied = Histogram("t_seconds", "doc", ["server"], buckets=DURATION_BUCKETS, registry=tally_reg)

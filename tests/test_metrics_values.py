@@ -8,15 +8,17 @@ to its answer).  With two workers the shared multiprocess files give the same su
 """
 from __future__ import annotations
 
+import http.client
 import json
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.components import Upstream
-from tests.support.gw_helpers import modern_headers, modern_params, rpc, start_gateway_argv
+from tests.support.gw_helpers import (free_port, gateway_config, modern_headers, modern_params, rpc, start_gateway_argv,
+                                      with_policy, write_config)
+from tests.support.pin_cases import pins_cli
 from tests.test_workers_metrics import sample, scrape, wait_for
 
 POLICY = """\
@@ -29,13 +31,22 @@ servers:
 
 
 def _call(port: int, name: str, args: dict[str, Any]) -> dict[str, Any]:
-    """One modern tools/call on a fresh connection (so the kernel spreads them over workers)."""
+    """One modern tools/call on a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        return _call_on(conn, name, args)
+    finally:
+        conn.close()
+
+
+def _call_on(conn: http.client.HTTPConnection, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """One modern tools/call on ``conn`` (kept alive: one worker serves all its calls)."""
     body = json.dumps(rpc("tools/call", modern_params({"name": name, "arguments": args}))).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/mcp/up", data=body, method="POST", headers={
+    conn.request("POST", "/mcp/up", body=body, headers={
         **modern_headers("tools/call", name), "Content-Type": "application/json",
-        "Accept": "application/json, text/event-stream", "Connection": "close"})
-    with urllib.request.urlopen(req, timeout=15) as resp:
-        text = resp.read().decode()
+        "Accept": "application/json, text/event-stream"})
+    resp = conn.getresponse()
+    text = resp.read().decode()
     data = text if not text.startswith(("event:", "id:", "data:", ":")) else \
         next(line[5:] for line in text.splitlines() if line.startswith("data:") and '"id"' in line)
     return json.loads(data)
@@ -56,12 +67,21 @@ def test_per_tool_and_request_metrics_add_up_after_known_traffic(
     proc, cfg = start_gateway_argv(tmp_path, cfg_in, ["--workers", str(workers)] if workers > 1 else [])
     port = cfg["listen"]["port"]
     try:
+        # Seven connections, which the kernel spreads over the workers.  Each starts with an
+        # allowed echo, whose pinning fetch teaches that worker the server's tools; the denied
+        # call that follows on the same connection (same worker) is then labelled by name.
+        # (A worker that has never seen the listing labels every name 'other': the label is
+        # bounded by what this replica has seen listed.)
         for i in range(7):
-            assert "result" in _call(port, "echo", {"text": f"hi {i}"})
-        for _ in range(3):
-            assert "error" in _call(port, "add", {"a": 1, "b": 2})
-        for i in range(4):
-            assert "error" in _call(port, f"never-listed-{i}", {})
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+            try:
+                assert "result" in _call_on(conn, "echo", {"text": f"hi {i}"})
+                if i < 3:
+                    assert "error" in _call_on(conn, "add", {"a": 1, "b": 2})
+                else:
+                    assert "error" in _call_on(conn, f"never-listed-{i}", {})
+            finally:
+                conn.close()
 
         def settled() -> str | None:
             # Each worker flushes its tallies once a second, at its own time: wait for all
@@ -92,5 +112,33 @@ def test_per_tool_and_request_metrics_add_up_after_known_traffic(
         echo = echo_records()
         for r in echo:                       # the durations split: stages, then the upstream's answer
             assert 0 <= r["gateway_ms"] <= r["duration_ms"] and 0 < r["upstream_ms"] <= r["duration_ms"]
+    finally:
+        proc.stop()
+
+
+def test_a_replica_that_never_listed_labels_pinned_tools_by_name(upstream: Any, tmp_path: Path) -> None:
+    """With a lock file (read at start), a denied call to a pinned tool is counted under its
+    name even as the replica's very first request, before any listing; an unpinned name is
+    'other'."""
+    up: Upstream = upstream(json_response=True)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "up.yaml").write_text(POLICY)
+    cfg_in: dict[str, Any] = {"servers": {"up": {"url": up.url, "pinning": {"mode": "enforce"}}},
+                              "policies": str(tmp_path / "p"), "pins": str(tmp_path / "pins")}
+    cli_config = write_config(tmp_path / "cli.yaml",
+                              gateway_config(with_policy(cfg_in, tmp_path), free_port(), free_port()))
+    fetched = pins_cli("fetch", "up", config=cli_config)
+    assert fetched.returncode == 0, fetched.stderr
+    proc, cfg = start_gateway_argv(tmp_path, cfg_in, [])
+    try:
+        assert "error" in _call(cfg["listen"]["port"], "add", {"a": 1, "b": 2})       # the first request
+        assert "error" in _call(cfg["listen"]["port"], "never-listed", {})
+        def settled() -> str | None:
+            text = scrape(cfg)
+            return text if sample(text, "mcpgw_tool_calls_total",
+                                  'effect="deny",server="up",tool="other"') == 1 else None
+
+        text = wait_for(settled, 15, "the tool-call series")
+        assert sample(text, "mcpgw_tool_calls_total", 'effect="deny",server="up",tool="add"') == 1
     finally:
         proc.stop()

@@ -224,6 +224,19 @@ def test_decision(policies: Any, server: str, kind: str, name: str, principal: P
     assert (d.effect, d.reason, d.rules[0] if d.rules else None, d.scopes) == (effect, reason, rule, scopes)
 
 
+@pytest.mark.parametrize("server,name,annotations,reason", [
+    ("s", "unknown_tool", RO, "no_matching_rule"),
+    ("open", "anything", RO, "default_allow"),
+])
+def test_a_decision_no_rule_made_is_one_shared_object(policies: Any, server: str, name: str, annotations: Any,
+                                                       reason: str) -> None:
+    # The authz stage memoises its audit fields per Decision object: a fresh object per
+    # call filled (and cleared) that memo on every refusal, seen as RSS creep in bench.soak.
+    first = decide(policies, server, "tools", name, who(), {}, annotations)
+    again = decide(policies, server, "tools", name + "_2", who(), {}, annotations)
+    assert first.reason == reason and again is first
+
+
 def test_a_server_with_no_policy_and_no_wildcard_refuses_everything(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text("servers:\n  a:\n    tools: [{id: t, match: '*'}]\n")
     ps, problems = load_policies(str(tmp_path), ["a", "b"])

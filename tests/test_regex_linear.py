@@ -82,12 +82,12 @@ def test_each_poisoning_rule_as_the_scanner_applies_it_is_linear_and_within_budg
             text = (seed * (size // len(seed) + 1))[:size]
             lowered = text.lower()
             best = float("inf")
-            for _ in range(3):          # the best of three: other tests share the CPU
-                started = time.perf_counter()
+            for _ in range(3):          # CPU time of this thread, the best of three: other tests share the CPU
+                started = time.thread_time()
                 plan = RULES._plan(text, lowered)
                 if index in plan:
                     rule.search(text, lowered, plan[index])
-                best = min(best, time.perf_counter() - started)
+                best = min(best, time.thread_time() - started)
             out = max(out, (best, seed))
         return out
 
@@ -114,9 +114,9 @@ def _applied_length(name: str) -> int:
 def _best(pattern: re.Pattern[str], text: str, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):          # the best of a few: the other test worker shares the CPU
-        started = time.perf_counter()
+        started = time.thread_time()
         pattern.search(text)
-        best = min(best, time.perf_counter() - started)
+        best = min(best, time.thread_time() - started)
     return best
 
 
@@ -163,7 +163,39 @@ def test_the_entry_points_that_apply_them_stay_within_budget(entry: str) -> None
     worst = 0.0
     for seed in GENERIC:
         text = (seed * (MiB // len(seed) + 1))[:MiB]
-        started = time.perf_counter()
+        started = time.thread_time()
         apply[entry](text)
-        worst = max(worst, time.perf_counter() - started)
+        worst = max(worst, time.thread_time() - started)
     assert worst < BUDGET * 4, f"{entry}: {worst * 1000:.0f} ms"
+
+
+def _result_seeds() -> list[str]:
+    from gateway.inspect.result_scan import ResultScanner
+    scanner = ResultScanner(RULES, "low")
+    triggers = sorted({t for r in scanner.rules for t in r.triggers})
+    return ["a", "\u200ba", "ignore all previous instructions and ", " ".join(triggers) + " ",
+            "".join(f"{t} {f} " for r in scanner.rules[:6] for t in r.triggers[:2]
+                    for f in _fragments(r.regex.pattern)[:2])]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_result_scanner_is_linear_and_bounded_at_its_default_cap(seed: int) -> None:
+    """Tool results are scanned by the results profile (``ResultScanner.scan``: its own trigger
+    plan, NFKC with an offset map) up to ``scan_results.max_chars`` per message: linear in the
+    text, and a message at the default cap, dense with every trigger, costs well under a second."""
+    from gateway.inspect.result_scan import ResultScanner
+    from gateway.inspect.result_scan_config import DEFAULT_MAX_CHARS
+    scanner = ResultScanner(RULES, "low")
+    text = _fill(_result_seeds()[seed], DEFAULT_MAX_CHARS)
+
+    def cost(size: int) -> float:
+        best = float("inf")
+        for _ in range(3):
+            started = time.thread_time()
+            scanner.scan(text[:size])
+            best = min(best, time.thread_time() - started)
+        return best
+
+    small, large = cost(DEFAULT_MAX_CHARS // 8), cost(DEFAULT_MAX_CHARS)
+    assert large < max(small, 0.0005) * 24, f"superlinear: {small * 1000:.1f} -> {large * 1000:.1f} ms"
+    assert large < 0.5, f"{large * 1000:.0f} ms for {DEFAULT_MAX_CHARS} characters"

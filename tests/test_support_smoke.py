@@ -20,8 +20,8 @@ from tests.support.clients import (
     raises_mcp_error,
 )
 
-UPSTREAM_TOOLS = {"echo", "add", "slow_progress", "reconnecting_progress", "ask_sampling", "ask_elicitation",
-                  "list_client_roots", "delete_file", "read_file"}
+UPSTREAM_TOOLS = {"echo", "add", "slow_progress", "reconnecting_progress", "announce", "ask_sampling",
+                  "ask_elicitation", "list_client_roots", "delete_file", "read_file"}
 ERAS = ["legacy", "modern", "auto"]
 NEGOTIATED = {"legacy": LEGACY_VERSION, "modern": MODERN_VERSION, "auto": MODERN_VERSION}
 

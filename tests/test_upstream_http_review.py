@@ -355,6 +355,7 @@ from types import SimpleNamespace  # noqa: E402
 from aiohttp import web  # noqa: E402
 from aiohttp.test_utils import TestServer  # noqa: E402
 
+from gateway.config.model import Limits  # noqa: E402
 from gateway.errors import GatewayError  # noqa: E402
 from gateway.pipeline import Exchange  # noqa: E402
 from gateway.response import ResponsePath  # noqa: E402
@@ -373,12 +374,12 @@ class Front:
 
     def __init__(self, upstream_url: str, **pool_kw: object) -> None:
         config = SimpleNamespace(servers={"s": SimpleNamespace(forward_headers=frozenset())},
-                                 limits=SimpleNamespace(max_sse_event_bytes=64 * 1024, max_response_bytes=1024 * 1024))
+                                 limits=Limits(max_sse_event_bytes=64 * 1024, max_response_bytes=1024 * 1024))
         self.upstreams = Upstreams(config)  # type: ignore[arg-type]
         self.pool = pool_for(upstream_url, **pool_kw)
         self.upstreams.pools["s"] = self.pool
         self.forwarder = Forwarder(config, self.upstreams, _path(), {})  # type: ignore[arg-type]
-        self.server_cfg = SimpleNamespace(name="s")
+        self.server_cfg = SimpleNamespace(name="s", read_timeout=pool_kw.get("read_timeout", 2.0))
         self.done = asyncio.Queue[str]()                 # how each handler ended
         app = web.Application()
         app.router.add_route("*", "/mcp", self._handle)

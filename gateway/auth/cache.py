@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Callable, Generic, TypeVar
 
 from ..pipeline import Principal
 
@@ -32,6 +32,7 @@ class Verified:
     issuer: str
     expires: float              # epoch seconds after which the entry is dead (the token's exp at most)
     refusal: str | None = None  # a cached *negative* answer (introspection said inactive)
+    kid: str | None = None      # the JWKS key that verified it: the entry dies with the key
 
 
 V = TypeVar("V")
@@ -75,6 +76,14 @@ class TokenCache(Generic[V]):
 
     def clear(self) -> None:
         self._data.clear()
+
+    def drop_where(self, dead: Callable[[V], bool]) -> int:
+        """Drop every entry whose value ``dead`` picks; how many went (rare: a whole-cache walk)."""
+        data = self._data
+        gone = [token for token, (_, value) in data.items() if dead(value)]
+        for token in gone:
+            del data[token]
+        return len(gone)
 
     def __len__(self) -> int:
         return len(self._data)

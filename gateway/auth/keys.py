@@ -3,9 +3,13 @@
 Contract: ``lookup(kid, alg)`` is synchronous and cheap (a dict read) and
 is all a request pays while the keys are fresh.  ``refresh()`` is
 single-flight: concurrent callers share one fetch.  An unknown ``kid`` may
-force a refetch at most once per ``jwks_cooldown`` (a rotated key is
-accepted within seconds; a flood of random ``kid`` values costs the IdP one
-request per cool-down).  A failed refresh keeps the previous keys.
+force a refetch at most once per ``jwks_cooldown``, counted from the last fetch
+an unknown kid caused (not from the periodic refresh: the first token signed
+with a rotated key is then accepted at once, however recently the keys were
+refreshed; a flood of random ``kid`` values still costs the IdP one request per
+cool-down).  A failed refresh keeps the previous keys.  A key
+that leaves the JWKS (the end of a rotation) is reported to ``on_removed``,
+so that tokens it verified stop being accepted from the verified-token cache.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 import structlog
@@ -88,19 +92,23 @@ def parse_jwks(doc: dict[str, Any]) -> tuple[list[Key], list[str]]:
 class KeySet:
     """The cached keys of one issuer plus the machinery that keeps them current."""
 
-    def __init__(self, cfg: IssuerConfig, timeout: float) -> None:
+    def __init__(self, cfg: IssuerConfig, timeout: float,
+                 on_removed: Callable[[str, frozenset[str]], None] | None = None) -> None:
         self.cfg = cfg
         self.timeout = timeout
+        self._on_removed = on_removed     # (issuer, kids no longer published)
         self.jwks_uri: str | None = cfg.jwks_uri
         self.metadata: dict[str, Any] | None = None
         self._by_kid: dict[str, list[Key]] = {}
         self._all: list[Key] = []
         self.fetched_at: float | None = None      # monotonic time of the last fetch attempt
+        self.kid_fetched_at: float | None = None  # ... of the last one an unknown kid caused
         self.loaded = False
         self._inflight: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._deferred: asyncio.TimerHandle | None = None
+        self._kid_task: asyncio.Task[None] | None = None
         self.fetches = 0
 
     # -- request path ---------------------------------------------------------
@@ -114,8 +122,44 @@ class KeySet:
         fitting = [k for k in self._all if k.fits(alg)]
         return fitting[0] if len(fitting) == 1 else None
 
+    def install(self, keys: list[Key]) -> None:
+        """Replace the usable keys (after a fetch; tests and fuzzers load keys directly)."""
+        by_kid: dict[str, list[Key]] = {}
+        for key in keys:
+            if key.kid is not None:
+                by_kid.setdefault(key.kid, []).append(key)
+        removed = frozenset(self._by_kid.keys() - by_kid.keys())
+        self._by_kid, self._all, self.loaded = by_kid, keys, True
+        if removed and self._on_removed is not None:
+            self._on_removed(self.cfg.issuer, removed)
+
     def may_refetch(self) -> bool:
-        return self.fetched_at is None or time.monotonic() - self.fetched_at >= self.cfg.jwks_cooldown
+        return self.kid_fetched_at is None or time.monotonic() - self.kid_fetched_at >= self.cfg.jwks_cooldown
+
+    def kid_fetch_running(self) -> bool:
+        return self._kid_task is not None and not self._kid_task.done()
+
+    async def refetch_for_kid(self) -> None:
+        """Fetch because a token named an unknown kid (starts the cool-down), or join the one running.
+
+        A fetch already under way (the periodic refresh) may predate the new key, so this
+        one starts after it; tokens naming unknown kids meanwhile wait for the same fetch.
+        """
+        task = self._kid_task
+        if task is None or task.done():
+            self.kid_fetched_at = time.monotonic()
+            task = self._kid_task = asyncio.create_task(self._fetch_after_inflight())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())   # failures: logged by _fetch
+        await asyncio.shield(task)
+
+    async def _fetch_after_inflight(self) -> None:
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            try:
+                await inflight
+            except FetchError:
+                pass
+        await self._fetch_task()
 
     def refetch_after_cooldown(self) -> None:
         """An unknown kid inside the cool-down: fetch once the cool-down ends.
@@ -124,13 +168,14 @@ class KeySet:
         refresh, while fetches stay at most one per cool-down whatever kids
         clients send (at most one deferred fetch is pending).
         """
-        if self._deferred is not None or self.fetched_at is None:
+        if self._deferred is not None or self.kid_fetched_at is None:
             return
-        delay = max(0.0, self.fetched_at + self.cfg.jwks_cooldown - time.monotonic())
+        delay = max(0.0, self.kid_fetched_at + self.cfg.jwks_cooldown - time.monotonic())
         self._deferred = asyncio.get_running_loop().call_later(delay, self._deferred_fetch)
 
     def _deferred_fetch(self) -> None:
         self._deferred = None
+        self.kid_fetched_at = time.monotonic()
         # A failure is logged and counted by _fetch; nothing awaits this task.
         self._fetch_task().add_done_callback(lambda t: t.cancelled() or t.exception())
 
@@ -148,16 +193,16 @@ class KeySet:
         if self._deferred is not None:
             self._deferred.cancel()
             self._deferred = None
-        for task in (self._loop_task, self._inflight):
+        for task in (self._loop_task, self._kid_task, self._inflight):
             if task is not None and not task.done():
                 task.cancel()
-        for task in (self._loop_task, self._inflight):
+        for task in (self._loop_task, self._kid_task, self._inflight):
             if task is not None:
                 try:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
-        self._loop_task = self._inflight = None
+        self._loop_task = self._kid_task = self._inflight = None
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -199,11 +244,7 @@ class KeySet:
                         keys_kept=len(self._all))
             _metric_fetch(iss, exc.reason)
             raise
-        by_kid: dict[str, list[Key]] = {}
-        for key in keys:
-            if key.kid is not None:
-                by_kid.setdefault(key.kid, []).append(key)
-        self._by_kid, self._all, self.loaded = by_kid, keys, True
+        self.install(keys)
         _metric_fetch(iss, "ok")
         log.info("auth.jwks_loaded", issuer=iss, keys=len(keys), skipped=skipped or None)
 

@@ -56,7 +56,8 @@ def routes(config: "Config") -> list[web.RouteDef]:
     if config.auth.mode == "none":
         return []
     out: list[web.RouteDef] = []
-    docs = {name: orjson.dumps(document(config, s)) for name, s in config.servers.items()}
+    mounts = {**config.servers, **{n: v.mount for n, v in config.virtual_servers.items()}}
+    docs = {name: orjson.dumps(document(config, s)) for name, s in mounts.items()}
     for name, body in docs.items():
         path = metadata_path(config.public_url, name)
         paths = {path, f"{WELL_KNOWN}/mcp/{name}"}    # the latter when a proxy strips a path prefix

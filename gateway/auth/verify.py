@@ -165,13 +165,14 @@ class JwtVerifier:
             ok = False
         if not ok:
             raise AuthFailure("token_bad_signature", f"signature does not verify (issuer {iss}, kid {shown(kid)})")
-        return self.check_claims(cfg, claims)
+        return self.check_claims(cfg, claims, kid=key.kid)
 
     async def _refetch(self, keys: KeySet, kid: str | None, alg: str) -> Any:
-        # Rotation: an unknown kid may be a new key. Refetch, but at most once per cool-down.
-        if keys.may_refetch() or not keys.loaded:
+        # Rotation: an unknown kid may be a new key. Refetch, but at most once per cool-down
+        # (a token arriving while that fetch runs waits for it).
+        if keys.may_refetch() or keys.kid_fetch_running() or not keys.loaded:
             try:
-                await keys.refresh()
+                await keys.refetch_for_kid()
             except FetchError as exc:
                 if not keys.loaded:
                     raise AuthFailure("issuer_unavailable", f"keys of {keys.cfg.issuer} could not be fetched "
@@ -186,7 +187,8 @@ class JwtVerifier:
                           f"{keys.cfg.issuer}" + ("" if keys.may_refetch() else " (refetch cooling down)"))
 
     @staticmethod
-    def check_claims(cfg: IssuerConfig, claims: dict[str, Any], now: float | None = None) -> Verified:
+    def check_claims(cfg: IssuerConfig, claims: dict[str, Any], now: float | None = None, *,
+                     kid: str | None = None) -> Verified:
         now = time.time() if now is None else now
         for name in cfg.required_claims:
             if name not in claims:
@@ -207,4 +209,4 @@ class JwtVerifier:
             raise AuthFailure("token_missing_claim", "claim 'aud' is missing or empty")
         principal = principal_from_claims(cfg, claims, exp)
         # Cached until exp itself (the leeway only excuses clock skew on a fresh check).
-        return Verified(principal, audiences, cfg.issuer, exp)
+        return Verified(principal, audiences, cfg.issuer, exp, kid=kid)

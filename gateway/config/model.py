@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from ..errors import ConfigError, Problem
 from .reader import Reader
@@ -34,21 +34,33 @@ class Listener:
 
 
 @dataclass(frozen=True, slots=True)
+class SentinelConfig:
+    """Redis behind Sentinel: the master is asked of the sentinels, again after each failover."""
+    master: str                          # the name the sentinels monitor (``sentinel monitor <name> ...``)
+    nodes: tuple[tuple[str, int], ...]   # the sentinels' (host, port)
+    db: int = 0
+    password: Any = None                 # SecretRef: AUTH for the master (requirepass)
+    sentinel_password: Any = None        # SecretRef: AUTH for the sentinels themselves
+    loc: Loc | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class StoreConfig:
     kind: str                 # "memory" | "redis"
-    url: str = ""
+    url: str = ""             # redis kind without ``sentinel``
     prefix: str = "mcpgw:"
     session_ttl: float = 24 * 3600
     loc: Loc | None = None
     limit_timeout: float = 0.25      # longest a rate-limit check waits for Redis (then on_store_error)
     lease_ttl: float = 30.0          # a concurrency slot not renewed for this long is free (dead replica)
+    sentinel: SentinelConfig | None = None   # redis kind: the master is found through Sentinel
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = 4 * MiB          # request body; 413 past this
     max_response_bytes: int = 16 * MiB     # only for responses the gateway must inspect whole
-    max_sse_event_bytes: int = 16 * MiB    # one SSE event being framed for inspection
+    max_sse_event_bytes: int = 16 * MiB    # one SSE event or NDJSON line being framed for inspection
     connect_timeout: float = 5.0
     read_timeout: float = 300.0            # upstream silence (headers or between bytes) -> 504
     max_connections_per_server: int = 256
@@ -56,6 +68,19 @@ class Limits:
     header_timeout: float = 10.0           # a request's header block must arrive whole within this
     body_timeout: float = 30.0             # ...and its body within this, once the headers are in
     pool_timeout: float = 10.0             # waiting for a free upstream connection -> 503 past this
+    # Floods and slow readers (docs/faults.md): what one client may hold of the gateway.
+    max_client_connections: int = 10_000   # open client connections per process; more get 503 and are closed
+    max_stream_buffer_bytes: int = 256 * 1024   # bytes queued for one client before the relay waits for it
+    stream_write_timeout: float = 60.0     # a stream whose client reads nothing for this long is closed
+    # GET streams open at once per principal (0: unlimited, only when written); per store, so
+    # across replicas with Redis.  A client needs one per session; 32 covers many sessions.
+    max_streams_per_principal: int = 32
+    # A GET stream on which the upstream sent nothing for this long is ended cleanly (the
+    # client reconnects, with Last-Event-ID when it has one); replaces read_timeout there.
+    stream_idle_timeout: float = 300.0
+    stream_keepalive_interval: float = 25.0   # ": keepalive" comment on a silent SSE stream (0: none)
+    keepalive_timeout: float = 75.0        # an idle kept-alive client connection is closed after this
+    loc: Loc | None = None                 # the limits section (a built-in limit's file:line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +124,7 @@ class ServerConfig:
     pool_timeout: float = 10.0
     forward_headers: frozenset[str] = frozenset()   # lower-case names forwarded besides the built-in allow-list
     mask_secrets: tuple[Any, ...] | None = None     # tool globs whose results are masked (None: none)
+    scan_results: Any = None     # prompt-injection scan of results (gateway.inspect.result_scan_config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +147,7 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)
     shutdown_delay: float = 5.0    # SIGTERM: /readyz unready, still accepting, for this long
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    virtual_servers: dict[str, Any] = field(default_factory=dict)   # gateway.config.virtual
 
 
 def is_loopback_host(host: str) -> bool:
@@ -140,11 +167,25 @@ def _listener(r: Reader, key: str, default_port: int) -> Listener:
     return Listener(host or "127.0.0.1", port if port is not None else default_port, sub.loc)
 
 
+def _split(url: str) -> SplitResult | None:
+    """``urlsplit`` for operator text: None for what it, or ``.port``, would raise on."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number in 0-65535)
+    except ValueError:          # bad port, unbalanced IPv6 brackets, NFKC-unsafe netloc
+        return None
+    return parts
+
+
 def _public_url(r: Reader) -> tuple[str, str]:
     url = r.str("public_url", "", required=True) or ""
     if not url:
         return "http://127.0.0.1", "127.0.0.1"
-    parts = urlsplit(url)
+    parts = _split(url)
+    if parts is None:
+        r.error("public_url", f"public_url is not a valid URL (bad port or IPv6 literal); got {url!r}")
+        return "http://127.0.0.1", "127.0.0.1"
+    port = parts.port
     if parts.scheme not in ("http", "https") or not parts.hostname:
         r.error("public_url", f"public_url must be an absolute http(s) URL; got {url!r}")
     if parts.query or parts.fragment:
@@ -156,16 +197,17 @@ def _public_url(r: Reader) -> tuple[str, str]:
     netloc = (parts.hostname or "").lower()
     if ":" in netloc:
         netloc = f"[{netloc}]"
-    if parts.port is not None:
-        netloc = f"{netloc}:{parts.port}"
+    if port is not None:
+        netloc = f"{netloc}:{port}"
     canonical = f"{parts.scheme.lower()}://{netloc}{parts.path.rstrip('/')}"
     return canonical, netloc
 
 
-def _store(r: Reader) -> StoreConfig:
+def _store(r: Reader, check_secrets: bool) -> StoreConfig:
     r.seen.add("store")
     value = r.node.get("store", "memory")
     loc = r.at("store")
+    sentinel = None
     if isinstance(value, str):
         url, prefix, ttl, limit_timeout, lease_ttl = value, "mcpgw:", 24 * 3600.0, 0.25, 30.0
     elif isinstance(value, LDict):
@@ -175,10 +217,20 @@ def _store(r: Reader) -> StoreConfig:
         ttl = sub.duration("session_ttl", 24 * 3600.0, min=1)
         limit_timeout = sub.duration("limit_timeout", 0.25, min=0.001)
         lease_ttl = sub.duration("lease_ttl", 30.0, min=0.3)
+        if sub.has("sentinel"):
+            if sub.has("url"):
+                sub.error("sentinel", "store.url and store.sentinel are exclusive: with sentinel, "
+                          "the sentinels name the master")
+            sentinel = _sentinel(sub.mapping("sentinel"), check_secrets)
+        else:
+            sub.seen.add("sentinel")
         sub.done()
     else:
-        r.error("store", "store must be 'memory', a redis:// URL, or a mapping with url/prefix")
+        r.error("store", "store must be 'memory', a redis:// URL, or a mapping with url/prefix or sentinel")
         return StoreConfig("memory", loc=loc)
+    if sentinel is not None:
+        return StoreConfig("redis", prefix=prefix, session_ttl=ttl, loc=loc, limit_timeout=limit_timeout,
+                           lease_ttl=lease_ttl, sentinel=sentinel)
     if url == "memory":
         return StoreConfig("memory", prefix=prefix, session_ttl=ttl, loc=loc, lease_ttl=lease_ttl)
     if url.startswith(("redis://", "rediss://", "unix://")):
@@ -186,6 +238,34 @@ def _store(r: Reader) -> StoreConfig:
                            lease_ttl=lease_ttl)
     r.error("store", f"store must be 'memory' or a redis:// URL; got {url!r}")
     return StoreConfig("memory", loc=loc)
+
+
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):([0-9]{1,5})$")
+
+
+def _sentinel(sub: Reader, check_secrets: bool) -> SentinelConfig | None:
+    master = sub.str("master", "", required=True, pattern=r"[A-Za-z0-9._-]+") or ""
+    nodes: list[tuple[str, int]] = []
+    items = sub.list("nodes", required=True)
+    for i, item in enumerate(items):
+        m = _HOST_PORT.match(item) if isinstance(item, str) else None
+        if m is None or not 0 < int(m.group(2)) < 65536:
+            sub.problems.append(Problem(items.at(i), f"{sub.path}.nodes[{i}] must be 'host:port' of a sentinel "
+                                                     f"(e.g. '10.0.0.1:26379'); got {item!r}"))
+            continue
+        nodes.append((m.group(1).strip("[]"), int(m.group(2))))
+    if "nodes" in sub.node and not items:
+        sub.error("nodes", f"{sub.path}.nodes must list at least one sentinel")
+    db = sub.int("db", 0, min=0, max=15)
+    password = sub.secret("password")
+    sentinel_password = sub.secret("sentinel_password")
+    sub.done()
+    for key, ref in (("password", password), ("sentinel_password", sentinel_password)):
+        if ref is not None and check_secrets and (why := ref.check()):
+            sub.error(key, f"{sub.path}.{key} ({ref}): {why}")
+    if not master or not nodes:
+        return None
+    return SentinelConfig(master, tuple(nodes), db, password, sentinel_password, sub.loc)
 
 
 def _limits(r: Reader) -> Limits:
@@ -202,14 +282,22 @@ def _limits(r: Reader) -> Limits:
         header_timeout=sub.duration("header_timeout", d.header_timeout, min=0.001),
         body_timeout=sub.duration("body_timeout", d.body_timeout, min=0.001),
         pool_timeout=sub.duration("pool_timeout", d.pool_timeout, min=0.001),
+        max_client_connections=sub.int("max_client_connections", d.max_client_connections, min=1),
+        max_stream_buffer_bytes=sub.size("max_stream_buffer_bytes", d.max_stream_buffer_bytes),
+        stream_write_timeout=sub.duration("stream_write_timeout", d.stream_write_timeout, min=0.001),
+        max_streams_per_principal=sub.int("max_streams_per_principal", d.max_streams_per_principal, min=0),
+        stream_idle_timeout=sub.duration("stream_idle_timeout", d.stream_idle_timeout, min=0.001),
+        stream_keepalive_interval=sub.duration("stream_keepalive_interval", d.stream_keepalive_interval),
+        keepalive_timeout=sub.duration("keepalive_timeout", d.keepalive_timeout, min=0.001),
+        loc=sub.loc,
     )
     sub.done()
     return limits
 
 
 def _origin_ok(origin: str) -> bool:
-    parts = urlsplit(origin)
-    return bool(parts.scheme and parts.netloc) and not parts.path.strip("/") and not parts.query
+    parts = _split(origin)
+    return parts is not None and bool(parts.scheme and parts.netloc) and not parts.path.strip("/") and not parts.query
 
 
 def _http(r: Reader) -> HttpConfig:
@@ -284,6 +372,7 @@ def _logging(r: Reader, base_dir: str) -> LoggingConfig:
 def _servers(r: Reader, public_url: str, limits: Limits, ctx: dict[str, Any]) -> dict[str, ServerConfig]:
     from ..auth.config import parse_server_auth, parse_server_credentials
     from ..inspect.pinning_config import parse_pinning
+    from ..inspect.result_scan_config import parse_scan_results
 
     sub = r.mapping("servers", required=True)
     servers: dict[str, ServerConfig] = {}
@@ -295,10 +384,11 @@ def _servers(r: Reader, public_url: str, limits: Limits, ctx: dict[str, Any]) ->
         s = Reader(sub.node[name], r.problems, f"servers.{name}", sub.at(name))
         url = s.str("url", "", required=True) or ""
         if url:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            parts = _split(url)
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
                 s.error("url", f"servers.{name}.url must be an absolute http(s) URL; got {url!r}")
         mount = f"/mcp/{name}"
+        pinning = parse_pinning(s, ctx)
         server = ServerConfig(
             name=name,
             url=url,
@@ -307,13 +397,14 @@ def _servers(r: Reader, public_url: str, limits: Limits, ctx: dict[str, Any]) ->
             loc=sub.at(name),
             credentials=parse_server_credentials(s, ctx),
             auth=parse_server_auth(s, ctx),
-            pinning=parse_pinning(s, ctx),
+            pinning=pinning,
             connect_timeout=s.duration("connect_timeout", limits.connect_timeout, min=0.001),
             read_timeout=s.duration("read_timeout", limits.read_timeout, min=0.001),
             max_connections=s.int("max_connections", limits.max_connections_per_server, min=1),
             pool_timeout=s.duration("pool_timeout", limits.pool_timeout, min=0.001),
             forward_headers=_forward_headers(s),
             mask_secrets=_mask_secrets(s),
+            scan_results=parse_scan_results(s, pinning.rules),
         )
         s.done()
         servers[name] = server
@@ -364,6 +455,7 @@ def _forward_headers(s: Reader) -> frozenset[str]:
 
 def parse_config(node: Any, path: str, problems: list[Problem], *, check_secrets: bool = True) -> Config | None:
     from ..auth.config import parse_auth
+    from .virtual import parse_virtual_servers
 
     r = Reader(node, problems, "", Loc(path, 1, 1))
     if node is None:
@@ -376,7 +468,7 @@ def parse_config(node: Any, path: str, problems: list[Problem], *, check_secrets
     admin = _listener(r, "admin", 9464)
     public_url, public_host = _public_url(r)
     ctx["public_url"] = public_url
-    store = _store(r)
+    store = _store(r, check_secrets)
     limits = _limits(r)
     http = _http(r)
     logging_cfg = _logging(r, ctx["base_dir"])
@@ -387,6 +479,7 @@ def parse_config(node: Any, path: str, problems: list[Problem], *, check_secrets
     policies_path = r.str("policies")
     pins_dir = r.str("pins")
     servers = _servers(r, public_url, limits, ctx)
+    virtual = parse_virtual_servers(r, servers, ctx)
     r.done()
     if listen.port and admin.port and listen.port == admin.port and listen.host == admin.host:
         problems.append(Problem(admin.loc, "admin must not share the public listener: /metrics and /readyz "
@@ -401,6 +494,7 @@ def parse_config(node: Any, path: str, problems: list[Problem], *, check_secrets
         store=store, auth=auth, http=http, limits=limits, logging=logging_cfg,
         shutdown_grace=shutdown_grace, shutdown_delay=shutdown_delay, servers=servers, policies_path=policies_path,
         pinning_dir=pins_dir if pins_dir is not None else _default_pins_dir(policies_path), tracing=tracing,
+        virtual_servers=virtual,
     )
 
 

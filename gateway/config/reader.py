@@ -188,6 +188,17 @@ class Reader:
                 out.append(item)
         return tuple(out)
 
+    def glob_list(self, key: str) -> tuple[Any, ...]:
+        """A list of name globs (``policy.glob``), compiled; an invalid one is a problem at its key."""
+        from ..policy.glob import GlobError, compile_glob
+        out = []
+        for text in self.str_list(key):
+            try:
+                out.append(compile_glob(text))
+            except GlobError as exc:
+                self.error(key, f"{self._name(key)}: {text!r} is not a valid glob: {exc}")
+        return tuple(out)
+
     def done(self) -> None:
         """Report every key that no getter asked for."""
         for key in self.node:

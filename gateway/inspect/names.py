@@ -18,7 +18,7 @@ from typing import Iterable, Mapping
 STANDARD_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
 # Look-alikes of Latin letters (lower case; names are case-folded first).
-_CONFUSABLE = {
+CONFUSABLE = {
     # Cyrillic
     "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p",
     "с": "c", "т": "t", "у": "y", "х": "x", "і": "i", "ї": "i", "ј": "j", "ѕ": "s", "ԁ": "d",
@@ -37,7 +37,7 @@ _SEPARATORS = re.compile(r"[\s_.\-/:]+")
 def _fold(name: str) -> str:
     text = unicodedata.normalize("NFKC", name).casefold()
     if not text.isascii():
-        text = "".join(_CONFUSABLE.get(ch, ch) for ch in text)
+        text = "".join(CONFUSABLE.get(ch, ch) for ch in text)
         # Strip combining marks (a + U+0301 reads as a).
         text = "".join(ch for ch in unicodedata.normalize("NFD", text) if not unicodedata.combining(ch))
     return text
@@ -48,12 +48,18 @@ def skeleton(name: str) -> str:
     return _SEPARATORS.sub("", _fold(name)).translate(_SKELETON_EXTRA).replace("rn", "m")
 
 
+def canonical(name: str) -> bool:
+    """A name in the MCP guidance's characters (A-Z a-z 0-9 _ - .): no other script, no
+    homoglyph, nothing invisible."""
+    return STANDARD_NAME.fullmatch(name) is not None
+
+
 def homoglyphs(name: str) -> list[str]:
     """The characters of ``name`` that imitate ASCII letters (empty for a plain name)."""
     if name.isascii():
         return []
     return [ch for ch in name if not ch.isascii() and
-            (_CONFUSABLE.get(ch.casefold()) or unicodedata.normalize("NFKC", ch).isascii())]
+            (CONFUSABLE.get(ch.casefold()) or unicodedata.normalize("NFKC", ch).isascii())]
 
 
 def scripts(name: str) -> set[str]:
@@ -79,17 +85,39 @@ class NameIndex:
 
     by_server: Mapping[str, frozenset[str]] = field(default_factory=dict)
     by_skeleton: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # The names each server has approved (its lock file, or its tofu pin): the genuine side
+    # of a look-alike pair when the other side is not approved.
+    approved: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # One alternation per (server, minimum length) of the other servers' distinctive names.
     _mentions: dict[tuple[str, int], re.Pattern[str] | None] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, by_server: Mapping[str, Iterable[str]]) -> "NameIndex":
+    def build(cls, by_server: Mapping[str, Iterable[str]],
+              approved: Mapping[str, Iterable[str]] | None = None) -> "NameIndex":
         frozen = {s: frozenset(n for n in names if n) for s, names in by_server.items()}
         skel: dict[str, list[tuple[str, str]]] = {}
         for server, names in frozen.items():
             for name in names:
                 skel.setdefault(skeleton(name), []).append((server, name))
-        return cls(frozen, {k: tuple(v) for k, v in skel.items()}, {})
+        ok = {s: frozenset(names) for s, names in (approved or {}).items()}
+        return cls(frozen, {k: tuple(v) for k, v in skel.items()}, ok, {})
+
+    def impostor(self, server: str, name: str, other_server: str, other: str) -> bool:
+        """Whether ``server``/``name`` is the one to hold of a look-alike pair.
+
+        Never the genuine side, or a server listing a look-alike could switch off another
+        server's tool: the name in canonical form (the MCP characters, one script, no
+        homoglyphs) against one that is not; else the approved name against an unapproved
+        one. When neither tells them apart, both are held (fail closed).
+        """
+        mine, theirs = canonical(name), canonical(other)
+        if mine != theirs:
+            return not mine
+        mine = name in self.approved.get(server, ())
+        theirs = other in self.approved.get(other_server, ())
+        if mine != theirs:
+            return not mine
+        return True
 
     def collisions(self, server: str, name: str) -> list[tuple[str, str, bool]]:
         """Tools elsewhere (other servers, or other names on this one) that look like ``name``.

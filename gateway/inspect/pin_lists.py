@@ -210,10 +210,12 @@ class ListJudge:
         if self._index is None or key != self._index_key:
             self._index_gen += 1
             names: dict[str, set[str]] = {s: set(n) for s, n in self.catalog.names().items()}
+            approved: dict[str, set[str]] = {}
             for s, st in self.servers.items():
                 if st.approved is not None:
                     names.setdefault(s, set()).update(st.approved.tools)
-            self._index = NameIndex.build(names)
+                    approved[s] = set(st.approved.tools)
+            self._index = NameIndex.build(names, approved)
             self._index_key = key
         return self._index
 

@@ -72,6 +72,9 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, str]:
         config = load_config(args.config)
     except ConfigError as exc:
         raise CliError("\n".join(str(p) for p in exc.problems)) from exc
+    virtual = config.virtual_servers.get(args.server)
+    if virtual is not None:
+        _to_origin(args, virtual)
     server = config.servers.get(args.server)
     if server is None:
         raise CliError(f"no server {args.server!r} in {args.config} (servers: {', '.join(sorted(config.servers))})")
@@ -79,6 +82,29 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, str]:
         raise CliError(f"server {args.server!r} has no pinning settings")
     pins_dir = config.pinning_dir or os.path.dirname(os.path.abspath(config.path))
     return config, server, lock_path(pins_dir, server.name, server.pinning.lock_file)
+
+
+def _to_origin(args: argparse.Namespace, virtual: Any) -> None:
+    """``pins approve <virtual> <published names>``: the same command on the names' one origin.
+
+    Pins belong to origins (a virtual server re-enters its origins' pinning); any other
+    command on a virtual name says which origins to run it on."""
+    origins = ", ".join(i.server for i in virtual.includes)
+    tools = getattr(args, "tools", None) or []
+    if not tools:
+        raise CliError(f"{virtual.name!r} is a virtual server; its pins are its origins' ({origins}): "
+                       f"run this command on each, or approve published tool names on {virtual.name!r}")
+    found = [virtual.resolve(name) for name in tools]
+    missing = [name for name, f in zip(tools, found) if f is None]
+    if missing:
+        raise CliError(f"{virtual.name} does not publish {', '.join(missing)}")
+    servers = {f[0].server for f in found if f is not None}
+    if len(servers) != 1:
+        raise CliError(f"{', '.join(tools)} come from several origins ({', '.join(sorted(servers))}): "
+                       "approve them one origin at a time")
+    args.server = servers.pop()
+    args.tools = [f[1] for f in found if f is not None]
+    print(f"{virtual.name}: {', '.join(tools)} -> {args.server}: {', '.join(args.tools)}")
 
 
 async def _live(config: Any, server: Any) -> list[dict[str, Any]]:
@@ -107,16 +133,21 @@ async def _live(config: Any, server: Any) -> list[dict[str, Any]]:
 
 
 def _index(config: Any, server: Any, live: list[dict[str, Any]]) -> NameIndex:
-    """Other servers' approved names (from their lock files) and this server's live names."""
+    """Other servers' approved names (from their lock files) and this server's live names;
+    every server's approved names, to tell a genuine tool from its look-alike."""
     names: dict[str, set[str]] = {server.name: {t.get("name", "") for t in live}}
+    approved: dict[str, set[str]] = {}
     pins_dir = config.pinning_dir or os.path.dirname(os.path.abspath(config.path))
     for name, other in config.servers.items():
-        if name == server.name or other.pinning is None:
+        if other.pinning is None:
             continue
-        approved, _ = load_lock(lock_path(pins_dir, name, other.pinning.lock_file), name)
-        if approved is not None:
-            names[name] = set(approved.tools)
-    return NameIndex.build(names)
+        lock, _ = load_lock(lock_path(pins_dir, name, other.pinning.lock_file), name)
+        if lock is None:
+            continue
+        approved[name] = set(lock.tools)
+        if name != server.name:
+            names[name] = set(lock.tools)
+    return NameIndex.build(names, approved)
 
 
 def _findings(config: Any, server: Any, live: list[dict[str, Any]]) -> dict[str, list[Finding]]:
@@ -271,7 +302,7 @@ async def _reset(args: argparse.Namespace) -> int:
         print("the store is 'memory': tofu pins live in the gateway process; restart it to forget them",
               file=sys.stderr)
         return 1
-    store = make_store(config.store.kind, config.store.url, config.store.prefix)
+    store = make_store(config.store)
     await store.start()
     try:
         existed = await store.delete(tofu_key(server.name))

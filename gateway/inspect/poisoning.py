@@ -17,16 +17,20 @@ the severity.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import bisect
+import html
 import os
 import re
+import urllib.parse
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..config.yamlloc import Loc
 from ..errors import ConfigError, Problem
-from .names import STANDARD_NAME, NameIndex, homoglyphs, scripts
+from .names import CONFUSABLE, STANDARD_NAME, NameIndex, homoglyphs, scripts
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 BUILTIN_RULES = os.path.join(os.path.dirname(__file__), "poisoning_rules.yaml")
@@ -70,6 +74,22 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f-\x9a\x9c-\x9f]")
 # possessively: linear on any input (a plain \n[ \t]*(?:\n[ \t]*){10,}\S is quadratic).
 _PADDING = re.compile(r"(?<![\n \t])[ \t]*+\n[ \t]*+(?:\n[ \t]*+){10,}+\S|(?<![ \t])[ \t]{60,}+\S")
 _WORD = re.compile(r"\w+")
+# Encoded payloads, decoded and scanned again with the same rules (an instruction in base64,
+# hex, URL- or HTML-entity encoding with "decode this and follow it" was read past). Each
+# pattern is one bounded run of a character class: linear, and the decoding is budgeted.
+_BASE64_RUN = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{16,8192}={0,2}")
+_HEX_RUN = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}){12,4096}(?![0-9A-Fa-f])")
+_URL_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_HTML_ENTITY = re.compile(r"&#(?:[xX][0-9A-Fa-f]{1,6}|[0-9]{1,7});")
+DECODE_BUDGET = 65536      # characters decoded per definition, over every payload and depth
+DECODE_PAYLOADS = 32       # payloads decoded per definition
+DECODE_DEPTH = 2           # a payload inside a payload is decoded once more
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+# Severity combination: signals below block level add up.  Two distinct medium signals
+# (an overlong description and a note to the model; a look-alike word and an escaped ANSI
+# sequence) are as telling as one high one; a low signal counts half a medium.
+COMBINE_POINTS = {"low": 1, "medium": 2}
+COMBINE_AT = 4             # points that raise the definition to "high"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +156,58 @@ def escape_excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
     return "".join(out)
 
 
+def _printable(text: str) -> bool:
+    """Decoded bytes that read as text: mostly letters, digits, punctuation and spaces."""
+    if len(text) < 8:
+        return False
+    good = sum(1 for ch in text if ch.isprintable() or ch in "\n\t")
+    return good >= 0.9 * len(text) and any(ch.isalpha() for ch in text)
+
+
+def _payloads(text: str, budget: list[int]) -> list[tuple[int, str, str]]:
+    """``(offset, decoded text, encoding)`` for each encoded payload in ``text`` that decodes
+    to readable text; ``budget`` ([characters, payloads]) is shared by every call of a scan."""
+    out: list[tuple[int, str, str]] = []
+
+    def take(offset: int, decoded: str, how: str) -> bool:
+        if budget[1] <= 0 or budget[0] < len(decoded):
+            return False
+        budget[0] -= len(decoded)
+        budget[1] -= 1
+        out.append((offset, decoded, how))
+        return True
+
+    for m in _BASE64_RUN.finditer(text):
+        run = m.group(0)
+        if run.isdigit():
+            continue        # a number, not an encoding
+        raw = run.rstrip("=")
+        padded = raw + "=" * (-len(raw) % 4)
+        try:
+            data = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
+            decoded = data.decode("utf-8")
+        except (binascii.Error, ValueError):
+            continue
+        if _printable(decoded) and not take(m.start(), decoded, "base64"):
+            return out
+    for m in _HEX_RUN.finditer(text):
+        try:
+            decoded = bytes.fromhex(m.group(0)).decode("utf-8")
+        except ValueError:
+            continue
+        if _printable(decoded) and not take(m.start(), decoded, "hex"):
+            return out
+    if len(_URL_ESCAPE.findall(text[:DECODE_BUDGET], 0)) >= 3:
+        decoded = urllib.parse.unquote(text[:DECODE_BUDGET])
+        if decoded != text[:DECODE_BUDGET] and not take(0, decoded, "url"):
+            return out
+    if _HTML_ENTITY.search(text):
+        decoded = html.unescape(text[:DECODE_BUDGET])
+        if decoded != text[:DECODE_BUDGET]:
+            take(0, decoded, "html")
+    return out
+
+
 def collect_strings(tool: dict[str, Any]) -> list[tuple[str, str]]:
     """Every string the model reads in a definition, with its path (the name excluded)."""
     out: list[tuple[str, str]] = []
@@ -159,6 +231,49 @@ def collect_strings(tool: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _name_words(name: str) -> str:
+    """A parameter name, followed by its words ("include_your_system_prompt" also reads
+    "include your system prompt"): CyberArk's full-schema poisoning writes the instruction
+    as a property name, where word boundaries never fall between the words."""
+    if not name.isascii() or len(name) < 8 or not any(c in name for c in "_-") and name.islower():
+        return name
+    words = _CAMEL.sub(" ", name).replace("_", " ").replace("-", " ")
+    return f"{name} ({words})"
+
+
+def combine(findings: Iterable[Finding]) -> tuple[str | None, str]:
+    """The definition's severity from all its signals, and an explanation naming each one.
+
+    The severity is the highest single one, raised to ``high`` when signals below that add
+    up to ``COMBINE_AT`` points (``COMBINE_POINTS``; each rule counts once)."""
+    order = {s: i for i, s in enumerate(SEVERITIES)}
+    worst: str | None = None
+    points: dict[str, int] = {}
+    names: list[str] = []
+    for f in findings:
+        if worst is None or order[f.severity] > order[worst]:
+            worst = f.severity
+        if f.rule != "combined_signals":
+            names.append(f"{f.rule} ({f.severity}, {f.where or 'definition'})")
+            points[f.rule] = max(points.get(f.rule, 0), COMBINE_POINTS.get(f.severity, 0))
+    if worst is not None and order[worst] < order["high"] and sum(points.values()) >= COMBINE_AT:
+        worst = "high"
+    return worst, "; ".join(dict.fromkeys(names))
+
+
+def combined_finding(findings: list[Finding]) -> Finding | None:
+    """A ``combined_signals`` finding when the signals together reach a higher severity than
+    any one of them (so the caller's block-or-warn by severity sees the combination)."""
+    order = {s: i for i, s in enumerate(SEVERITIES)}
+    highest = max((order[f.severity] for f in findings), default=-1)
+    severity, explanation = combine(findings)
+    if severity is None or order[severity] <= highest:
+        return None
+    rules = ", ".join(dict.fromkeys(f.rule for f in findings))
+    return Finding("combined_signals", severity, "", escape_excerpt(rules),
+                   f"several weaker signals together: {explanation}")
+
+
 def _lower(text: str) -> str | None:
     """``text.lower()`` when offsets line up with ``text`` ("İ" lower-cases to two characters)."""
     lowered = text.lower()
@@ -166,9 +281,25 @@ def _lower(text: str) -> str | None:
 
 
 def _normalise(text: str) -> str:
+    """NFKC with invisible characters removed, and look-alike letters in words that mix them
+    with Latin ones read as the Latin letters ("іgnore" with a Cyrillic і reads "ignore");
+    words wholly in another script are left alone, so the rules in that language still see
+    them. Every step keeps one character per character."""
     if text.isascii():
         return text
-    return unicodedata.normalize("NFKC", _STRIP.sub("", text))
+    text = unicodedata.normalize("NFKC", _STRIP.sub("", text))
+    return text if text.isascii() else _WORD.sub(_unmix, text)
+
+
+def _unmix(m: "re.Match[str]") -> str:
+    word = m.group(0)
+    if word.isascii() or not any("a" <= ch <= "z" or "A" <= ch <= "Z" for ch in word):
+        return word
+    out = []
+    for ch in word:
+        latin = CONFUSABLE.get(ch.lower()) if not ch.isascii() else None
+        out.append(latin if latin is not None and len(latin) == 1 else ch)
+    return "".join(out)
 
 
 class RuleSet:
@@ -268,6 +399,8 @@ class RuleSet:
         offset = 0
         for path, raw in strings:
             norm = _normalise(raw)
+            if path.endswith("#name"):
+                norm = _name_words(norm)
             starts.append(offset)
             paths.append(path)
             parts.append(norm)
@@ -292,7 +425,39 @@ class RuleSet:
                 where = paths[max(0, bisect.bisect_right(starts, span[0]) - 1)] if paths else ""
                 found.append(Finding(rule.id, rule.severity, where, escape_excerpt(text[span[0]:span[1]]),
                                      rule.message))
+        self._scan_decoded(text, paths, starts, found)
+        raised = combined_finding(found)
+        if raised is not None:
+            found.append(raised)
         return Scanned(tuple(found), text)
+
+    def _scan_decoded(self, text: str, paths: list[str], starts: list[int], found: list[Finding]) -> None:
+        """The text rules again over every payload hidden in encoded form, within a budget."""
+        seen = {f.rule for f in found}
+        budget = [DECODE_BUDGET, DECODE_PAYLOADS]
+        queue = [(text, "", 0, None)]
+        while queue:
+            source, kind, depth, where = queue.pop()       # depth: decodings applied to source
+            for offset, decoded, how in _payloads(source, budget):
+                path = where
+                if path is None:
+                    path = paths[max(0, bisect.bisect_right(starts, offset) - 1)] if paths else ""
+                label = f"{kind}+{how}" if kind else how
+                norm = _normalise(decoded)
+                low = _lower(norm)
+                plan = self._plan(norm, low)
+                for index in sorted(plan):
+                    rule = self.rules[index]
+                    if rule.where != "text" or rule.id in seen or rule.id == "encoded_payload":
+                        continue
+                    span = rule.search(norm, low, plan[index])
+                    if span is not None:
+                        seen.add(rule.id)
+                        found.append(Finding(rule.id, rule.severity, f"{path} ({label}-decoded)",
+                                             escape_excerpt(norm[span[0]:span[1]]),
+                                             f"{rule.message} (inside {label}-encoded text)"))
+                if depth + 1 < DECODE_DEPTH:
+                    queue.append((norm, label, depth + 1, path))
 
     def scan_context(self, server: str, name: str, scanned: Scanned, index: NameIndex) -> list[Finding]:
         """Checks against the other mounted servers' tools: shadowing and cross-server references."""
@@ -302,8 +467,11 @@ class RuleSet:
             sev = exact_sev if exact else conf_sev
             if sev is not None:
                 rule = "shadowing_exact" if exact else "shadowing_confusable"
-                out.append(Finding(rule, sev, "name", escape_excerpt(f"{name} ~ {other_server}/{other}"),
-                                   _DETECTOR_TEXT[rule]))
+                detail = _DETECTOR_TEXT[rule]
+                if not index.impostor(server, name, other_server, other):
+                    # The genuine side of the pair: told, never held (the impostor is).
+                    sev, detail = "info", f"{detail}; this one is the genuine tool, the other is held"
+                out.append(Finding(rule, sev, "name", escape_excerpt(f"{name} ~ {other_server}/{other}"), detail))
         sev = self.severity("cross_server_reference")
         if sev is not None and scanned.text:
             min_length = self.detectors["cross_server_reference"].get("min_name_length", 6)

@@ -55,7 +55,7 @@ def check_policies(config: Any) -> list[Problem]:
     """Every policy problem for ``mcp-gateway check``: parse errors, then lint findings."""
     if config.policies_path is None:
         return []   # valid (everything is refused); ``mcp-gateway check`` warns about it
-    policies, problems = load_policies(config.policies_path, config.servers)
+    policies, problems = load_policies(config.policies_path, [*config.servers, *config.virtual_servers])
     if policies is None:
         return problems
     published = {name: s.auth.scopes_supported for name, s in config.servers.items()
@@ -82,7 +82,8 @@ def _load(args: argparse.Namespace) -> tuple[PolicySet | None, Any, list[Problem
     if root is None:
         return None, None, [Problem(Loc("<args>", 1, 1), "give -c CONFIG or --policies DIR")]
     args.policies = root
-    policies, problems = load_policies(root, config.servers if config is not None else None)
+    known = [*config.servers, *config.virtual_servers] if config is not None else None
+    policies, problems = load_policies(root, known)
     return policies, config, problems
 
 
@@ -99,7 +100,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         return _fail(problems)
     paths = args.paths or [os.path.join(args.policies if os.path.isdir(args.policies)
                                         else os.path.dirname(args.policies), "tests")]
-    report = run_tests(policies, paths, set(config.servers) | {"*"} if config is not None else None)
+    report = run_tests(policies, paths, set(config.servers) | set(config.virtual_servers) | {"*"}
+                       if config is not None else None)
     for o in report.outcomes:
         if not o.ok:
             print(f"FAIL {o.case.loc.file}:{o.case.loc.line}: {o.case.name}")
@@ -144,9 +146,40 @@ def cmd_explain(args: argparse.Namespace) -> int:
                               scopes=frozenset((args.scopes or "").split()), claims=claims, name=args.subject)
     arguments = ANY if args.arguments is None else _json_arg(args.arguments, "arguments")
     annotations = _json_arg(args.annotations, "annotations") if args.annotations else UNKNOWN
+    virtual = _config.virtual_servers.get(args.server) if _config is not None else None
+    if virtual is not None:
+        return _explain_virtual(policies, virtual, kind, name, principal, arguments, annotations)
     decision, lines = explain(policies, args.server, kind, name, principal, arguments, annotations)
     print("\n".join(lines))
     return 0 if decision.allowed else 1
+
+
+def _explain_virtual(policies: PolicySet, virtual: Any, kind: str, name: str, principal: Any, arguments: Any,
+                     annotations: Any) -> int:
+    """A call through a virtual server: the origin's decision on the original name, then the
+    virtual server's own section (when there is one) on the published name; deny wins."""
+    if kind not in (TOOLS, PROMPTS):
+        print(f"virtual:   {virtual.name!r} routes {kind} by the origin that listed them; "
+              "explain the call on that origin")
+        return 1
+    found = virtual.resolve(name, prompt=kind == PROMPTS)
+    if found is None:
+        print(f"virtual:   {virtual.name!r} does not publish {kind} {name!r}: refused as unknown")
+        return 1
+    inc, original = found
+    print(f"virtual:   {virtual.name!r} publishes {name!r} as {original!r} of {inc.server!r}")
+    decision, lines = explain(policies, inc.server, kind, original, principal, arguments, annotations)
+    print("\n".join(lines))
+    allowed = decision.allowed
+    if virtual.name in policies.servers:
+        print(f"-- then the section of virtual server {virtual.name!r} (deny wins):")
+        own, lines = explain(policies, virtual.name, kind, name, principal, arguments, annotations)
+        print("\n".join(lines))
+        allowed = allowed and own.allowed
+    else:
+        print(f"-- no section for virtual server {virtual.name!r}: the origin's decision stands")
+    print(f"through {virtual.name}: {'allow' if allowed else 'deny'}")
+    return 0 if allowed else 1
 
 
 def register(subparsers: Any) -> None:

@@ -224,6 +224,11 @@ def _merge(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
 _BY_RULE: dict[tuple[str, str, str], Decision] = {}
 _NO_POLICY = Decision(DENIED, NO_POLICY)
 _URI_NOT_CANONICAL = Decision(DENIED, URI_NOT_CANONICAL)
+# Shared, like the rule decisions: the authz stage memoises its audit fields per Decision
+# object, so a fresh one per call missed that memo on every refusal (found by bench.soak).
+_NO_MATCH = Decision(DENIED, NO_MATCHING_RULE)
+_DEFAULT_ALLOW = Decision(ALLOWED, DEFAULT_ALLOW)
+_DESTRUCTIVE_DENIED = Decision(DENIED, DESTRUCTIVE_DENIED)
 
 
 _ALLOWS: dict[str, Decision] = {}     # rule id -> Decision(ALLOWED, RULE_ALLOWS, (id,)), the common answer
@@ -346,11 +351,11 @@ def decide(policies: PolicySet, server: str, kind: str, name: str, principal: An
         if kind == TOOLS:
             denied, extra, missing = _destructive_need(sp.destructive, annotations, have)
             if denied:
-                return Decision(DENIED, DESTRUCTIVE_DENIED)
+                return _DESTRUCTIVE_DENIED
             if missing:
                 return Decision(STEP_UP, MISSING_SCOPES, scopes=extra)
-        return Decision(ALLOWED, DEFAULT_ALLOW)
-    return refusal or Decision(DENIED, NO_MATCHING_RULE)
+        return _DEFAULT_ALLOW
+    return refusal or _NO_MATCH
 
 
 def _rule_covers(rule: Rule, g: Any) -> bool:

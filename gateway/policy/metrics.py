@@ -20,7 +20,8 @@ DECISIONS_TALLY = Tally(POLICY_DECISIONS)   # (server, effect, reason): counted 
 TOOL_CALLS = Counter(
     "mcpgw_tool_calls_total",
     "tools/call decisions by server, tool and effect. The tool label is a tool the server listed "
-    "(at most limits.max_tools_per_page per server, redacted) or 'other' for names it never listed.",
+    "or its pins approve (at most limits.max_tools_per_page per server, redacted) or 'other' for "
+    "names it never listed.",
     ["server", "tool", "effect"],
 )
 TOOL_CALLS_TALLY = Tally(TOOL_CALLS)        # (server, tool label, effect)

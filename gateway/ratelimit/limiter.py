@@ -19,8 +19,9 @@ keys are in one Cluster slot.  A failing Redis opens a circuit: for
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
-import secrets
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,7 +30,7 @@ import structlog
 
 from .model import Limit, Window
 from ..telemetry.metrics import BOUND, STORE_ERRORS
-from .resp import RespClient, RespReplyError
+from .resp import RespClient, RespError, RespReplyError
 
 log = structlog.get_logger("gateway.ratelimit")
 LEASE_TTL = 30.0           # default: a slot not renewed for this long is free again (a dead replica's)
@@ -100,7 +101,7 @@ class MemoryLimiter:
                 held = self._leases.setdefault(k, {})
                 for lid in [lid for lid, expiry in held.items() if expiry <= now]:
                     del held[lid]
-                lease = secrets.token_hex(8)
+                lease = _lease_id()
                 held[lease] = now + self._ttl
                 verdict.leases.append((k, lease))
                 self._renewer.hold(k, lease)
@@ -165,17 +166,39 @@ class _Renewer:
 
 # -- Redis -------------------------------------------------------------------------------
 
-# KEYS: every key the batch uses.  ARGV[1]: now override in microseconds ("" = Redis TIME),
-# ARGV[2]: lease seconds, ARGV[3]: D, the number of rate windows the batch uses, then D
+def _new_lease_ids() -> Any:
+    return map((os.urandom(6).hex() + "-").__add__, map(str, itertools.count(1)))
+
+
+_LEASE_IDS = _new_lease_ids()
+
+
+def _lease_id() -> str:
+    """A lease id unique across processes (a random prefix per process, drawn again in a
+    forked worker, and a counter): leases are never shown to clients, so they need
+    uniqueness, not a CSPRNG call each."""
+    return next(_LEASE_IDS)
+
+
+def _after_fork() -> None:
+    global _LEASE_IDS
+    _LEASE_IDS = _new_lease_ids()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+# KEYS: every key the batch uses.  ARGV[1]: one string of space-separated fields: now
+# override in microseconds ("-" = Redis TIME), lease seconds, D, the number of rate windows the batch uses, then D
 # descriptors "key# interval_us tolerance_us cost", then per request: n, then n checks, each
 # either a descriptor # (a rate window) or "c key# cap lease_id" (a concurrency cap).
 # Returns, flat, four numbers per request: allowed, failed_check#, retry_us, remaining.  A window repeated in a
 # batch (the same caller, a global limit) is described once, read once and written once.
 _SCRIPT = """
-local A = ARGV
-local nargs = #A
+local A, nargs = {}, 0
+for tok in string.gmatch(ARGV[1], '%S+') do nargs = nargs + 1; A[nargs] = tok end
 local now
-if A[1] ~= '' then now = tonumber(A[1]) else
+if A[1] ~= '-' then now = tonumber(A[1]) else
   local t = redis.call('TIME'); now = tonumber(t[1]) * 1000000 + tonumber(t[2]) end
 local lease_us = tonumber(A[2]) * 1000000
 local d = tonumber(A[3])
@@ -261,8 +284,9 @@ return 0
 
 class RedisLimiter:
     def __init__(self, url: str, prefix: str, *, timeout: float = 0.25, breaker: float = 1.0,
-                 lease_ttl: float = LEASE_TTL) -> None:
+                 lease_ttl: float = LEASE_TTL, sentinel: Any = None) -> None:
         self._url = url
+        self._sentinel = sentinel
         self._ttl = lease_ttl
         self._renewer = _Renewer(lease_ttl, self.renew)
         self._tag = "{" + prefix + "rl}"      # one hash tag: every key of a call in one Cluster slot
@@ -280,7 +304,7 @@ class RedisLimiter:
         self.errors = 0
 
     async def start(self) -> None:
-        self._client = RespClient(self._url, self._timeout)
+        self._client = RespClient(self._url, self._timeout, self._sentinel)
         self._renewer.start()
 
     async def close(self) -> None:
@@ -311,9 +335,35 @@ class RedisLimiter:
         many requests (one round trip for all), when idle each goes at once."""
         self._scheduled = False
         batch, self._pending = self._pending, []
-        if batch:
-            self._inflight += 1
-            asyncio.get_running_loop().create_task(self._run(batch))
+        if not batch:
+            return
+        self._inflight += 1
+        prepared = self._prepare(batch)
+        sha = self._sha
+        reply = None if sha is None else self._client.submit("EVALSHA", sha, len(prepared[0]), *prepared[0],
+                                                             *prepared[1])
+        if reply is None:
+            # No open connection or no script yet: the slow path opens and loads them.
+            asyncio.get_running_loop().create_task(self._run(batch, prepared))
+        else:
+            # The fast path, once connected: no task, one callback when the reply arrives.
+            reply.add_done_callback(lambda r: self._replied(r, batch, prepared))
+
+    def _replied(self, reply: "asyncio.Future[Any]", batch: list[tuple[list[Check], "asyncio.Future[Verdict]"]],
+                 prepared: tuple[list[str], list[str], list[Any]]) -> None:
+        exc = RespError("cancelled") if reply.cancelled() else reply.exception()
+        if exc is not None and str(exc).startswith("NOSCRIPT"):
+            # Redis restarted or flushed its scripts: the slow path loads it again.
+            self._sha = None
+            asyncio.get_running_loop().create_task(self._run(batch, prepared))
+            return
+        try:
+            if exc is not None:
+                self._fail(batch, exc)
+            else:
+                self._settle(batch, prepared[2], reply.result())
+        finally:
+            self._done()
 
     def _done(self) -> None:
         self._inflight -= 1
@@ -321,19 +371,37 @@ class RedisLimiter:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _run(self, batch: list[tuple[list[Check], "asyncio.Future[Verdict]"]]) -> None:
+    async def _run(self, batch: list[tuple[list[Check], "asyncio.Future[Verdict]"]],
+                   prepared: tuple[list[str], list[str], list[Any]]) -> None:
         try:
-            await self._run_batch(batch)
+            try:
+                # The connection's reply timer (``timeout``) bounds the wait: no wait_for task per call.
+                results = await self._eval(prepared[0], prepared[1])
+            except Exception as exc:      # redis errors, timeouts, a closed connection: all the same here
+                self._fail(batch, exc)
+                return
+            self._settle(batch, prepared[2], results)
         finally:
             self._done()
 
-    async def _run_batch(self, batch: list[tuple[list[Check], "asyncio.Future[Verdict]"]]) -> None:
+    def _prepare(self, batch: list[tuple[list[Check], "asyncio.Future[Verdict]"]]
+                 ) -> tuple[list[str], list[str], list[Any]]:
+        """The script's KEYS and ARGV for a batch, and each request's plan to read the reply."""
         keys: dict[str, int] = {}
         windows: dict[tuple[str, tuple[int, ...]], int] = {}      # (key, params) -> window descriptor #
         described: list[Any] = []
         requests: list[Any] = []
-        plans: list[list[tuple[Limit, Window | None, str, str | None]]] = []
+        plans: list[tuple[list[tuple[Limit, Window | None, str, str | None]], bool]] = []
+        # Requests of one caller share one checks list (memoised by the stage): without a
+        # concurrency cap (a lease id per request) their items are the same, built once.
+        same: dict[int, tuple[list[Any], list[Any]]] = {}
         for checks, _ in batch:
+            shared = same.get(id(checks))
+            if shared is not None:
+                requests += shared[0]
+                plans.append((shared[1], False))
+                continue
+            leased = False
             plan: list[tuple[Limit, Window | None, str, str | None]] = []
             items: list[Any] = []
             for limit, key in checks:
@@ -346,32 +414,40 @@ class RedisLimiter:
                         items.append(d)
                         plan.append((limit, w, k, None))
                     else:
-                        lease = secrets.token_hex(8)
+                        leased = True
+                        lease = _lease_id()
                         items += ["c", keys.setdefault(k, len(keys) + 1), params[0], lease]
                         plan.append((limit, None, k, lease))
-            requests.append(len(plan))
+            items.insert(0, len(plan))
             requests += items
-            plans.append(plan)
-        now = "" if self.now_override is None else str(int(self.now_override * 1_000_000))
-        args = [now, self._ttl, len(windows), *described, *requests]
-        try:
-            # The connection's reply timer (``timeout``) bounds the wait: no wait_for task per call.
-            results = await self._eval(list(keys), args)
-        except Exception as exc:      # redis errors, timeouts, a closed connection: all the same here
-            self._trip(exc)
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(LimitStoreError("limit store unavailable"))
-            return
+            plans.append((plan, leased))
+            if not leased:
+                same[id(checks)] = (items, plan)
+        now = "-" if self.now_override is None else int(self.now_override * 1_000_000)
+        # One space-separated ARGV string, split by the script: encoding one argument per
+        # number cost more client CPU than the rest of the batch (numbers, lease ids and
+        # "c" never contain spaces).
+        args = [" ".join(map(str, (now, self._ttl, len(windows), *described, *requests)))]
+        return list(keys), args, plans
+
+    def _fail(self, batch: list[tuple[list[Check], "asyncio.Future[Verdict]"]], exc: BaseException) -> None:
+        self._trip(exc)
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(LimitStoreError("limit store unavailable"))
+
+    def _settle(self, batch: list[tuple[list[Check], "asyncio.Future[Verdict]"]],
+                plans: list[Any], results: Any) -> None:
         quads = zip(results[0::4], results[1::4], results[2::4], results[3::4])
-        for (checks, fut), plan, (ok, failed, retry_us, remaining) in zip(batch, plans, quads):
+        for (checks, fut), (plan, leased), (ok, failed, retry_us, remaining) in zip(batch, plans, quads):
             if fut.done():
                 continue
             if ok:
                 verdict = Verdict(True, remaining=int(remaining) if remaining >= 0 else 0)
-                verdict.leases = [(k, lease) for _, _, k, lease in plan if lease is not None]
-                for k, lease in verdict.leases:
-                    self._renewer.hold(k, lease)
+                if leased:
+                    verdict.leases = [(k, lease) for _, _, k, lease in plan if lease is not None]
+                    for k, lease in verdict.leases:
+                        self._renewer.hold(k, lease)
             else:
                 limit, w, _, _ = plan[int(failed) - 1]
                 verdict = Verdict(False, limit, int(retry_us) / 1e6, 0, w)
@@ -459,5 +535,6 @@ def retry_seconds(verdict: Verdict) -> int:
 def make_limiter(store: Any) -> "MemoryLimiter | RedisLimiter":
     """The limiter for the configured store: exact across replicas with Redis."""
     if store.kind == "redis":
-        return RedisLimiter(store.url, store.prefix, timeout=store.limit_timeout, lease_ttl=store.lease_ttl)
+        return RedisLimiter(store.url, store.prefix, timeout=store.limit_timeout, lease_ttl=store.lease_ttl,
+                            sentinel=store.sentinel)
     return MemoryLimiter(lease_ttl=store.lease_ttl)

@@ -15,6 +15,12 @@ Connection settings come from the same URL as the store's (``redis://``,
 within ``timeout`` fails, and so does the connection: replies after a lost one
 could no longer be matched, so it is closed and every call on it fails; the
 next call opens a new one.
+
+With Sentinel (``store.sentinel``) there is no URL: each new connection asks all
+sentinels at once for the master (``SENTINEL get-master-addr-by-name``), takes
+the first answer and checks with ``ROLE`` that the address is still a master.
+A ``READONLY`` reply means the master was demoted by a failover: the connection
+is dropped, so the next call asks the sentinels again.
 """
 from __future__ import annotations
 
@@ -87,10 +93,18 @@ class _Protocol(asyncio.Protocol):
 class RespClient:
     """One lazily (re)opened, pipelined connection to Redis."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, sentinel: Any = None) -> None:
         from redis.asyncio.connection import SSLConnection, parse_url
 
-        opts = parse_url(url)
+        self._sentinel = sentinel          # config.model.SentinelConfig, or None: a plain URL
+        if sentinel is not None:
+            opts: dict[str, Any] = {"db": sentinel.db}
+            if sentinel.password is not None:
+                opts["password"] = sentinel.password.resolve()
+            self._sentinel_auth = ("AUTH", sentinel.sentinel_password.resolve()) \
+                if sentinel.sentinel_password is not None else None
+        else:
+            opts = parse_url(url)
         self._path: str | None = opts.get("path")
         self._host = opts.get("host", "127.0.0.1")
         self._port = int(opts.get("port", 6379))
@@ -106,20 +120,53 @@ class RespClient:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        if self._sentinel is not None:
+            self._host, self._port = await self._discover()
         if self._path:
             _, proto = await asyncio.wait_for(loop.create_unix_connection(_Protocol, self._path), self._timeout)
         else:
             _, proto = await asyncio.wait_for(
                 loop.create_connection(_Protocol, self._host, self._port, ssl=self._ssl), self._timeout)
-        hello = [c for c in (self._auth, ("SELECT", self._db) if self._db else None) if c]
+        hello = [c for c in (self._auth, ("SELECT", self._db) if self._db else None,
+                             ("ROLE",) if self._sentinel is not None else None) if c]
         if hello:
             futs = self._send(proto, hello)
             try:
-                await asyncio.wait_for(asyncio.gather(*futs), self._timeout)
+                replies = await asyncio.wait_for(asyncio.gather(*futs), self._timeout)
             except BaseException:
                 proto.fail(RespError("Redis refused the connection's AUTH/SELECT"))
                 raise
+            if self._sentinel is not None and replies[-1][0] != b"master":
+                # The sentinels' answer is stale (a failover under way): try again later.
+                proto.fail(RespError("not the master"))
+                raise RespError(f"{self._host}:{self._port}, named by the sentinels, is not a master")
         return proto
+
+    async def _discover(self) -> tuple[str, int]:
+        """The master's address: every sentinel is asked at once, the first to know it answers."""
+        name = self._sentinel.master
+        asks = [asyncio.ensure_future(self._ask(host, port, name)) for host, port in self._sentinel.nodes]
+        try:
+            for answer in asyncio.as_completed(asks, timeout=self._timeout):
+                try:
+                    address = await answer
+                except (RespError, OSError, asyncio.TimeoutError):
+                    continue
+                if address is not None:
+                    return address
+        finally:
+            for ask in asks:
+                ask.cancel()
+        raise RespError(f"no sentinel named the master {name!r}")
+
+    async def _ask(self, host: str, port: int, name: str) -> tuple[str, int] | None:
+        _, proto = await asyncio.get_running_loop().create_connection(_Protocol, host, port)
+        try:
+            commands = [c for c in (self._sentinel_auth, ("SENTINEL", "get-master-addr-by-name", name)) if c]
+            reply = (await asyncio.gather(*self._send(proto, commands)))[-1]
+        finally:
+            proto.fail(RespError("closed"))
+        return (reply[0].decode(), int(reply[1])) if reply else None
 
     async def _open(self) -> _Protocol:
         proto = self._proto
@@ -155,8 +202,26 @@ class RespClient:
         timer = asyncio.get_running_loop().call_later(self._timeout, _expire, proto, fut)
         try:
             return await fut
+        except RespReplyError as exc:
+            if str(exc).startswith("READONLY"):
+                # A replica now (a failover demoted it): reconnect, to the master the sentinels name.
+                proto.fail(RespError("Redis answered READONLY"))
+                raise RespError("Redis answered READONLY: no longer the master") from exc
+            raise
         finally:
             timer.cancel()
+
+    def submit(self, *args: Any) -> "asyncio.Future[Any] | None":
+        """Send one command now if the connection is open: a future of its reply (failed after
+        ``timeout``, like ``call``), or None when the connection must be opened first (use
+        ``call``).  No coroutine or task: for the limiter's per-batch fast path."""
+        proto = self._proto
+        if proto is None or proto.lost is not None:
+            return None
+        fut = self._send(proto, [args])[0]
+        timer = asyncio.get_running_loop().call_later(self._timeout, _expire, proto, fut)
+        fut.add_done_callback(lambda _f: timer.cancel())
+        return fut
 
     async def close(self) -> None:
         proto, self._proto = self._proto, None

@@ -62,14 +62,15 @@ class Authn:
         self._max = auth.max_token_bytes
         self._cache: TokenCache[Verified] = TokenCache(auth.cache_size)
         self._entries = self._cache.entries
-        self._keysets = {i.issuer: KeySet(i, auth.fetch_timeout) for i in auth.issuers}
+        self._keysets = {i.issuer: KeySet(i, auth.fetch_timeout, self._keys_removed) for i in auth.issuers}
         self._verifier = JwtVerifier(self._keysets)
         self._own_session: aiohttp.ClientSession | None = None
         introspectors = {iss: Introspector(ks, auth.fetch_timeout)
                          for iss, ks in self._keysets.items() if ks.cfg.introspection}
         self._introspectors = introspectors
         self._mounts: dict[str, _Mount] = {}
-        for name, server in config.servers.items():
+        mounts = {**config.servers, **{n: v.mount for n, v in config.virtual_servers.items()}}
+        for name, server in mounts.items():
             allowed = server.auth.issuers if server.auth is not None else ()
             trusted = frozenset(allowed or self._keysets)
             intro = next((i for iss, i in introspectors.items() if iss in trusted), None)
@@ -96,6 +97,11 @@ class Authn:
             await self._own_session.close()
             self._own_session = None
         self._cache.clear()
+
+    def _keys_removed(self, issuer: str, kids: frozenset[str]) -> None:
+        """Keys left an issuer's JWKS: tokens they verified are verified again (and refused)."""
+        dropped = self._cache.drop_where(lambda v: v.kid in kids and v.issuer == issuer)
+        log.info("auth.keys_removed", issuer=issuer, kids=sorted(kids), cached_tokens_dropped=dropped)
 
     def status(self) -> dict[str, Any]:
         """For /readyz details: which issuers have keys loaded."""

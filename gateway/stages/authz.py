@@ -20,7 +20,7 @@ rules under a request in flight.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn
 
 import structlog
 
@@ -90,6 +90,9 @@ class Authz:
         self.catalog = catalog if catalog is not None else ToolCatalog()
         self.watcher = watcher
         self.refresh = refresh
+        # pinned(server): the names of the server's approved (pinned) tools, or None; set by
+        # the app when pinning is on, so the tool label knows them before any listing.
+        self.pinned: Callable[[str], Any] | None = None
         self._records: dict[tuple[int, int, str], tuple[Any, ...]] = {}
 
     async def start(self) -> None:
@@ -172,25 +175,24 @@ class Authz:
                 annotations: Any) -> None:
         d = decide(policies, ex.server.name, kind, name, ex.principal, arguments, annotations)
         self._record(ex, d, policies)
-        if d.effect == ALLOWED:
-            return
-        # Without an issuer (auth mode none) no token can ever carry more scopes: no step-up.
-        if d.effect == STEP_UP and ex.principal.issuer:
-            raise InsufficientScope(f"this call needs the scope(s): {' '.join(d.scopes)}", scopes=d.scopes)
-        if d.reason == "arguments_invalid":
-            raise PolicyDenied(f"Invalid arguments for {name}: {d.detail}")
-        raise PolicyDenied(_UNKNOWN[kind].format(name))
+        if d.effect != ALLOWED:
+            refuse(d, kind, name, ex.principal)
 
     def count_call(self, ex: "Exchange") -> None:
         """When an exchange ends: count a decided tools/call per tool.  At the end, not at the
         decision, so a tool pinning fetched for this very call is already in the catalog.
-        A label per tool the server listed, 'other' for the rest: a client cycling through
-        names cannot grow the series."""
+        A label per tool the server listed or its pins approve (a lock file is read at start,
+        so a replica that has not listed yet labels pinned tools by name too), 'other' for
+        the rest: a client cycling through names cannot grow the series."""
         safe = ex.audit_safe
         if safe is None or ex.method != "tools/call":
             return
         server, name = ex.server.name, ex.name or ""
-        label = scrub_text(name) if name in self.catalog.server(server).tools else "other"
+        known = name in self.catalog.server(server).tools
+        if not known and self.pinned is not None:
+            pinned = self.pinned(server)
+            known = pinned is not None and name in pinned
+        label = scrub_text(name) if known else "other"
         key = (server, label, safe["decision"])
         _TOOL_CALLS[key] = _TOOL_CALLS.get(key, 0) + 1
 
@@ -216,6 +218,17 @@ class Authz:
         ex.audit_safe = memo[2]
         key = memo[3]
         _DECISIONS[key] = _DECISIONS.get(key, 0) + 1
+
+
+def refuse(d: Decision, kind: str, name: str, principal: Any) -> NoReturn:
+    """Raise the answer to a decision that did not allow ``name`` (a mount's or a virtual
+    server's): step-up, invalid arguments, or the same "unknown" a missing name gets."""
+    # Without an issuer (auth mode none) no token can ever carry more scopes: no step-up.
+    if d.effect == STEP_UP and principal.issuer:
+        raise InsufficientScope(f"this call needs the scope(s): {' '.join(d.scopes)}", scopes=d.scopes)
+    if d.reason == "arguments_invalid":
+        raise PolicyDenied(f"Invalid arguments for {name}: {d.detail}")
+    raise PolicyDenied(_UNKNOWN[kind].format(name))
 
 
 def _annotations_matter(policies: PolicySet, ex: "Exchange", name: str, arguments: Any) -> bool:
@@ -284,8 +297,9 @@ def make_authz(config: "Config", catalog: ToolCatalog,
         log.warning("policy.none_configured", detail="no 'policies:' in the config: every tool, resource, "
                     "prompt and method call is refused (default deny); see docs/policy.md")
         return Authz(PolicyHolder(EMPTY), catalog)
-    initial = load_policies_strict(config.policies_path, config.servers)
+    known = [*config.servers, *config.virtual_servers]   # a section may name a virtual server
+    initial = load_policies_strict(config.policies_path, known)
     holder = PolicyHolder(initial)
     log.info("policy.loaded", rules=initial.rule_count, files=len(initial.files), digest=initial.digest[:12])
-    watcher = PolicyWatcher(holder, config.policies_path, config.servers)
+    watcher = PolicyWatcher(holder, config.policies_path, known)
     return Authz(holder, catalog, watcher, refresh=refresh)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 from typing import TYPE_CHECKING, Any, Awaitable
 
 from aiohttp import web
@@ -36,7 +35,7 @@ def decode_header_value(value: str) -> str:
     if value[:2] == "=?" and value.startswith("=?base64?") and value.endswith("?="):
         try:
             return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError) as exc:
+        except ValueError as exc:   # binascii.Error, UnicodeDecodeError, and non-ASCII text (str input)
             raise HeaderMismatch("malformed base64 header value", reason="header_malformed") from exc
     return value
 

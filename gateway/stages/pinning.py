@@ -107,6 +107,12 @@ class Pinning:
             st.forget_tofu()
             self.catalog.mark_stale(server)
 
+    def pinned_names(self, server: str) -> Any:
+        """The names of the server's approved tools (lock file, or tofu pins once loaded), or None."""
+        st = self.servers.get(server)
+        approved = st.approved if st is not None else None
+        return approved.tools if approved is not None else None
+
     # -- requests ---------------------------------------------------------------
 
     async def on_request(self, ex: "Exchange") -> None:

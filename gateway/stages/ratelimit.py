@@ -48,6 +48,7 @@ class RateLimit:
         self._policies = policies        # the PolicyHolder the authz stage reads: one snapshot per reload
         self._limiter = limiter
         self._memo: dict[tuple[int, str, str | None, str | None], tuple[Limit, ...]] = {}
+        self._checks: dict[tuple[int, int], tuple[Any, Any, list[tuple[Limit, str]], list[tuple[str, str, str]]]] = {}
 
     async def start(self) -> None:
         await self._limiter.start()
@@ -75,19 +76,29 @@ class RateLimit:
         limits = self._applicable(ex)
         if not limits:
             return None
-        checks = [(lim, _key(lim, ex)) for lim in limits]
-        result = self._limiter.check(checks)
+        # The checks depend on the limits (memoised per server, method and tool) and the
+        # caller only: memoised per (limits, principal); holding both keeps their ids unique.
+        p = ex.principal
+        ck = (id(limits), id(p))
+        memo = self._checks.get(ck)
+        if memo is None or memo[0] is not limits or memo[1] is not p:
+            if len(self._checks) >= 4096:
+                self._checks.clear()
+            memo = self._checks[ck] = (limits, p, [(lim, _key(lim, ex)) for lim in limits],
+                                       [(ex.server.name, lim.id, "allowed") for lim in limits])
+        result = self._limiter.check(memo[2])
         if isinstance(result, Verdict):
-            self._apply(ex, limits, result)
+            self._apply(ex, limits, result, memo[3])
             return None
-        return self._await(ex, limits, result)
+        return self._await(ex, limits, result, memo[3])
 
     async def on_request(self, ex: "Exchange") -> None:
         pending = self.check(ex)
         if pending is not None:
             await pending
 
-    async def _await(self, ex: "Exchange", limits: tuple[Limit, ...], fut: "asyncio.Future[Verdict]") -> None:
+    async def _await(self, ex: "Exchange", limits: tuple[Limit, ...], fut: "asyncio.Future[Verdict]",
+                     allowed: list[tuple[str, str, str]]) -> None:
         try:
             verdict = await fut
         except LimitStoreError:
@@ -95,30 +106,30 @@ class RateLimit:
             for lim in limits:
                 decision = "store_error_closed" if lim in closed else "store_error_open"
                 BOUND.get(LIMIT_DECISIONS, ex.server.name, lim.id, decision).inc()
-            ex.audit["limit"] = "store_error_closed" if closed else "store_error_open"
+            ex.limit = "store_error_closed" if closed else "store_error_open"
             if closed:
                 raise Unavailable("rate limits cannot be checked right now; retry later",
                                   reason="limit_store_unavailable", headers={"Retry-After": "1"},
                                   data={"limit": closed[0].id}) from None
             return
-        self._apply(ex, limits, verdict)
+        self._apply(ex, limits, verdict, allowed)
 
-    def _apply(self, ex: "Exchange", limits: tuple[Limit, ...], verdict: Verdict) -> None:
+    def _apply(self, ex: "Exchange", limits: tuple[Limit, ...], verdict: Verdict,
+               allowed: list[tuple[str, str, str]]) -> None:
         server = ex.server.name
         if not verdict.allowed:
             lim = verdict.limit
             assert lim is not None
             BOUND.get(LIMIT_DECISIONS, server, lim.id, "refused").inc()
-            ex.audit["limit"] = f"refused:{lim.id}"
+            ex.limit = f"refused:{lim.id}"
             retry = retry_seconds(verdict)
             headers = {"Retry-After": str(retry), "RateLimit-Policy": lim.policy_header() or f'"{lim.id}"',
                        "RateLimit": f'"{lim.policy_name(verdict.window)}";r=0;t={retry}'}
             raise RateLimited(f"rate limit {lim.id} exceeded; retry in {retry} s", headers=headers,
                               data={"limit": lim.id, "retry_after": retry})
-        for lim in limits:
-            labels = (server, lim.id, "allowed")
+        for labels in allowed:
             _ALLOWED[labels] = _ALLOWED.get(labels, 0) + 1
-        ex.audit["limit"] = "allowed"
+        ex.limit = "allowed"
         if verdict.leases:
             leases = verdict.leases
             release = self._limiter.release

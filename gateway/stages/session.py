@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from ..errors import SessionNotFound, Unavailable
-from ..telemetry.metrics import BOUND, SESSIONS, security_event
+from ..telemetry.metrics import BOUND, SESSIONS, UPSTREAM_ERRORS, security_event
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
@@ -83,8 +83,17 @@ class Session:
             return self._end(ex, status, out)
         if upstream_sid is not None:
             if upstream_sid != session.upstream_id:
-                return self._create(ex, upstream_sid, out)   # the upstream started a new session
-            out["Mcp-Session-Id"] = session.id
+                if ex.method == "initialize":
+                    return self._create(ex, upstream_sid, out)   # the upstream started a new session
+                # Only an initialize result may name a session: an id on any other answer
+                # (another session's, say) would bind this client to it.  Dropped.
+                BOUND.get(UPSTREAM_ERRORS, ex.server.name, "session_id_changed").inc()
+                log.warning("upstream.session_id_changed", server=ex.server.name, session=session.short,
+                            method=ex.method)
+                return None
+            # setdefault: a virtual server's sub-exchange answers with the client's virtual session
+            # id (set in ``ex.response_headers``), not the origin's mount session.
+            out.setdefault("Mcp-Session-Id", session.id)
         return None
 
     async def _create(self, ex: "Exchange", upstream_sid: str, out: "CIMultiDict[str]") -> None:

@@ -86,6 +86,12 @@ class EventIds:
         msg = "\x1f".join((ex.server.name, sid, ex.principal.key, upstream_id, packed)).encode()
         return _b64(hmac.new(self._key, msg, hashlib.sha256).digest()[:18])
 
+    def sign(self, domain: str, *parts: str) -> str:
+        """A MAC with the shared key over ``parts``, for ids other modules mint (``virtual/ids.py``);
+        ``domain`` starts with NUL, which no server name does, so it never verifies as an event id."""
+        msg = "\x1f".join((domain, *parts)).encode()
+        return _b64(hmac.new(self._key, msg, hashlib.sha256).digest()[:18])
+
     def mint(self, ex: "Exchange", upstream_id: str, origin: Origin) -> str:
         return f"{_b64(upstream_id.encode())}.{origin.packed}.{self._mac(ex, upstream_id, origin.packed)}"
 
@@ -118,7 +124,7 @@ class Stream:
         if req.method == "GET":
             presented = req.headers.get("Last-Event-ID")
             if presented is None:
-                ex.origin = _STANDALONE
+                ex.origin = STANDALONE
                 return
             found = self.ids.verify(ex, presented)
             if found is None:
@@ -168,9 +174,10 @@ class Stream:
     def event_id(self, ex: "Exchange", upstream_id: str | None) -> str | None:
         if upstream_id is None or ex.origin is None:
             return None
+        ex.resumable = True               # the client now holds a point to resume from
         return self.ids.mint(ex, upstream_id, ex.origin)
 
 
 _MCP_ERRORS = MCP_ERRORS_TALLY.pending
-_STANDALONE = Origin("g", None, None)
+STANDALONE = Origin("g", None, None)
 _NO_ANSWERS = Origin("n", None, None)

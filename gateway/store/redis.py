@@ -1,7 +1,9 @@
 """Redis store: shared state for several replicas.
 
 Every key is prefixed (``store.prefix``) so several gateways or test runs can
-share one Redis.  Pub/sub carries invalidations (e.g. a session deleted on
+share one Redis.  With ``store.sentinel`` the client asks the sentinels for the
+master, and asks again when a connection fails or the master it holds answers
+``READONLY`` (it was demoted by a failover): redis-py's Sentinel pool does both.  Pub/sub carries invalidations (e.g. a session deleted on
 one replica) to the others' local caches.
 """
 from __future__ import annotations
@@ -37,9 +39,11 @@ def _failed(operation: str) -> StoreError:
 class RedisStore:
     kind = "redis"
 
-    def __init__(self, url: str, prefix: str = "mcpgw:") -> None:
+    def __init__(self, url: str, prefix: str = "mcpgw:", sentinel: Any = None) -> None:
         self._url = url
         self._prefix = prefix
+        self._sentinel_cfg = sentinel        # config.model.SentinelConfig, or None: a plain URL
+        self._sentinel: Any = None
         self._client: Any = None
         self._subs: dict[str, list[Listener]] = {}
         self._pubsub: Any = None
@@ -51,10 +55,20 @@ class RedisStore:
         return self._prefix + key
 
     async def start(self) -> None:
-        self._client = aioredis.from_url(
-            self._url, socket_connect_timeout=2.0, socket_timeout=2.0,
-            health_check_interval=15, decode_responses=False,
-        )
+        options: dict[str, Any] = dict(socket_connect_timeout=2.0, socket_timeout=2.0,
+                                       health_check_interval=15, decode_responses=False)
+        cfg = self._sentinel_cfg
+        if cfg is None:
+            self._client = aioredis.from_url(self._url, **options)
+        else:
+            from redis.asyncio.sentinel import Sentinel
+
+            sentinel_auth = {"password": cfg.sentinel_password.resolve()} if cfg.sentinel_password else {}
+            self._sentinel = Sentinel(list(cfg.nodes), socket_timeout=2.0, socket_connect_timeout=2.0,
+                                      sentinel_kwargs={"socket_timeout": 2.0, "socket_connect_timeout": 2.0,
+                                                       **sentinel_auth})
+            self._client = self._sentinel.master_for(
+                cfg.master, db=cfg.db, password=cfg.password.resolve() if cfg.password else None, **options)
         self._incr = self._client.register_script(_INCR_WINDOW)
         if self._subs:
             await self._start_listener()
@@ -73,6 +87,8 @@ class RedisStore:
                 pass
         if self._client is not None:
             await self._client.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
     async def ping(self) -> bool:
         try:
@@ -148,13 +164,25 @@ class RedisStore:
         if self._listener_task is not None:
             return
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.subscribe(*[self._k(c) for c in self._subs])
-        self._listener_task = asyncio.get_running_loop().create_task(self._listen())
+        subscribed = True
+        try:
+            await self._pubsub.subscribe(*[self._k(c) for c in self._subs])
+        except (RedisError, OSError):
+            # Redis down at start: start anyway, unready (/readyz) and failing closed per
+            # request, and subscribe as soon as it answers.
+            BOUND.get(STORE_ERRORS, "subscribe").inc()
+            log.warning("store.unreachable_at_start", detail="subscribing again every second")
+            subscribed = False
+        self._listener_task = asyncio.get_running_loop().create_task(self._listen(subscribed))
 
-    async def _listen(self) -> None:
+    async def _listen(self, subscribed: bool) -> None:
         plen = len(self._prefix)
         while True:
             try:
+                if not subscribed:
+                    await self._pubsub.subscribe(*[self._k(c) for c in self._subs])
+                    subscribed = True
+                    log.info("store.pubsub_subscribed", detail="Redis answers again")
                 async for msg in self._pubsub.listen():
                     if msg.get("type") != "message":
                         continue
@@ -170,15 +198,13 @@ class RedisStore:
                 raise
             except (RedisError, OSError):
                 log.warning("store.pubsub_reconnect")
-                await asyncio.sleep(1.0)
-                try:
-                    await self._pubsub.subscribe(*[self._k(c) for c in self._subs])
-                except (RedisError, OSError):
-                    continue
+                subscribed = False
+            await asyncio.sleep(1.0)
 
 
-def make_store(kind: str, url: str, prefix: str):
-    if kind == "redis":
-        return RedisStore(url, prefix)
+def make_store(config: Any):
+    """The store for ``config.store`` (a ``StoreConfig``)."""
+    if config.kind == "redis":
+        return RedisStore(config.url, config.prefix, config.sentinel)
     from .memory import MemoryStore
-    return MemoryStore(prefix)
+    return MemoryStore(config.prefix)

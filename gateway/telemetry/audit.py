@@ -22,7 +22,6 @@ import itertools
 import os
 import sys
 import time
-from bisect import bisect_left
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
@@ -33,6 +32,7 @@ from .redact import redact_value, scrub_text
 
 if TYPE_CHECKING:
     from ..pipeline import Exchange
+    from .client_address import ClientAddress
 
 
 # One write per FLUSH_AFTER seconds (or FLUSH_LINES records), not one per request: the
@@ -52,7 +52,7 @@ class AuditWriter:
     def __init__(self, stream: IO[bytes] | None = None) -> None:
         self._stream = stream
         self._path: str | None = None
-        self._lines: list[bytes] = []
+        self._lines: list[Any] = []     # bytes, or tuples for _render (see defer)
         self._scheduled = False
 
     def open_file(self, path: str) -> None:
@@ -78,9 +78,18 @@ class AuditWriter:
             old.close()
 
     def write(self, line: bytes) -> None:
-        lines = self._lines
-        lines.append(line)
-        if len(lines) >= FLUSH_LINES:
+        """Queue one line (without its newline)."""
+        self.defer(line)
+
+    def defer(self, item: Any) -> None:
+        """Queue a line, or a finished exchange's audit record to build at flush (a tuple of
+        ``_render``'s arguments); lines keep the order they were queued in."""
+        self._lines.append(item)
+        self.after_append()
+
+    def after_append(self) -> None:
+        """Flush a full batch, or schedule the flush of the first line of one."""
+        if len(self._lines) >= FLUSH_LINES:
             self.flush()
         elif not self._scheduled:
             self._scheduled = True
@@ -92,9 +101,20 @@ class AuditWriter:
     def flush(self) -> None:
         if not self._lines:
             return
-        data = b"\n".join(self._lines) + b"\n"
-        self._lines.clear()
+        items, self._lines = self._lines, []
         self._scheduled = False
+        out: list[bytes] = []
+        for item in items:
+            if item.__class__ is bytes:
+                out.append(item)
+                continue
+            try:
+                out.append(_render(*item))
+            except Exception as exc:     # noqa: BLE001 - one bad record must not lose the batch
+                structlog.get_logger("gateway.audit").error("audit.record_failed", error=type(exc).__name__)
+        if not out:
+            return
+        data = b"\n".join(out) + b"\n"
         stream = self._stream or sys.stdout.buffer
         try:
             stream.write(data)
@@ -109,8 +129,10 @@ _IDS = itertools.count(1)
 
 _INFLIGHT = INFLIGHT_LEVEL.levels
 _DURATIONS = DURATION_TALLY.pending
-_BOUNDS = DURATION_TALLY.bounds
 _REQUESTS = REQUESTS_TALLY.pending
+_OVERHEADS = OVERHEAD_TALLY.pending
+_WAITS = UPSTREAM_WAIT_TALLY.pending
+_RAW_MAX = DURATION_TALLY.RAW_MAX
 
 
 def start(ex: "Exchange") -> None:
@@ -118,53 +140,79 @@ def start(ex: "Exchange") -> None:
     _INFLIGHT[key] = _INFLIGHT.get(key, 0) + 1
 
 
-def finish(ex: "Exchange", enabled: bool = True, client: str = "", log_arguments: bool = False) -> None:
+def finish(ex: "Exchange", enabled: bool = True, client: "ClientAddress | None" = None,
+           log_arguments: bool = False) -> None:
+    """At the end of every exchange: the per-request metrics now, the audit record (when
+    ``enabled``) at the next flush; ``client`` reads the client's address off the request."""
     elapsed = time.perf_counter() - ex.started
     server = ex.server.name
     # The metrics (tallies: telemetry.metrics), inlined: this runs for every request.
-    key = (server,)
-    _INFLIGHT[key] -= 1
-    rec = _DURATIONS.get(key)
-    if rec is None:
-        DURATION_TALLY.observe(key, elapsed)
-    else:                               # HistogramTally.observe, inlined
-        rec[0] += elapsed
-        rec[1 + bisect_left(_BOUNDS, elapsed)] += 1
+    skey = (server,)
+    _INFLIGHT[skey] -= 1
+    # HistogramTally.observe, inlined (values are bucketed in bulk at flush).
+    values = _DURATIONS.get(skey)
+    if values is None or len(values) >= _RAW_MAX:
+        DURATION_TALLY.observe(skey, elapsed)
+    else:
+        values.append(elapsed)
     method = ex.method
     key = (server, method if method in KNOWN_METHODS else ("none" if method is None else "other"), ex.status)
     _REQUESTS[key] = _REQUESTS.get(key, 0) + 1
     if ex.upstream_sent:
-        OVERHEAD_TALLY.observe((server,), ex.upstream_sent - ex.started)
-        UPSTREAM_WAIT_TALLY.observe((server,), ex.upstream_wait)
-    if not enabled:
-        return
+        value = ex.upstream_sent - ex.started
+        values = _OVERHEADS.get(skey)
+        if values is None or len(values) >= _RAW_MAX:
+            OVERHEAD_TALLY.observe(skey, value)
+        else:
+            values.append(value)
+        values = _WAITS.get(skey)
+        if values is None or len(values) >= _RAW_MAX:
+            UPSTREAM_WAIT_TALLY.observe(skey, ex.upstream_wait)
+        else:
+            values.append(ex.upstream_wait)
+    if enabled:
+        # The record itself is built when the batch is written (``AuditWriter.flush``): a
+        # hundred records built in one loop cost a fraction of a hundred built one by one
+        # between the stages of other requests (the instruction and data caches stay warm).
+        # Nothing reads an exchange after it finished, so its fields are as they were now.
+        # WRITER.defer, inlined.
+        lines = WRITER._lines
+        lines.append((ex, elapsed, time.time(), client, log_arguments))
+        if len(lines) >= FLUSH_LINES or not WRITER._scheduled:
+            WRITER.after_append()
+
+
+def _render(ex: "Exchange", elapsed: float, ts: float, client: "ClientAddress | None", log_arguments: bool) -> bytes:
+    """The audit line of a finished exchange (at flush; see ``finish``)."""
+    server = ex.server.name
+    method = ex.method
     # The fields that repeat for a caller, server, method and target (and the policy
     # decision) are serialised once and memoised as a JSON prefix; the per-request ones are
     # serialised each time and appended.  Same record, about half the work.
     audit_safe = ex.audit_safe
     p = ex.principal
-    skey = (server, ex.request.method, ex.era, id(p), method, ex.name, id(audit_safe))
-    memo = _PREFIXES.get(skey)
+    pkey = (server, ex.request.method, ex.era, id(p), method, ex.name, id(audit_safe))
+    memo = _PREFIXES.get(pkey)
     if memo is None or memo[0] is not p or memo[1] is not audit_safe:
         if len(_PREFIXES) >= 1024:
             _PREFIXES.clear()                    # names are client-chosen: bounded
         # Holding p and audit_safe keeps their ids from being reused while the entry lives.
-        memo = _PREFIXES[skey] = (p, audit_safe, _prefix(ex, p, method, audit_safe))
+        memo = _PREFIXES[pkey] = (p, audit_safe, _prefix(ex, p, method, audit_safe))
     prefix = memo[2]
     fields: dict[str, Any] = {
         "request_id": f"{_ID_PREFIX}{next(_IDS):x}",     # unique across processes and replicas
         "level": "info" if ex.outcome == "ok" else "warning",
-        "ts": time.time_ns() // 1000 / 1e6,          # round(time.time(), 6) costs ~10x more
+        "ts": ts,
         "status": ex.status,
         "outcome": ex.outcome,
-        "client_address": client,
-        "duration_ms": int(elapsed * 1e6) / 1000,     # microsecond resolution
+        "client_address": client.of(ex.request) if client is not None else "",
+        "duration_ms": elapsed * 1e3,
     }
     if ex.upstream_sent:
         # Before the upstream (the gateway's stages) and the upstream's time to answer
         # (status and headers); the rest of duration_ms is relaying the body or stream.
-        fields["gateway_ms"] = int((ex.upstream_sent - ex.started) * 1e6) / 1000
-        fields["upstream_ms"] = int(ex.upstream_wait * 1e6) / 1000
+        fields["gateway_ms"] = (ex.upstream_sent - ex.started) * 1e3
+        fields["upstream_ms"] = ex.upstream_wait * 1e3
     if ex.reason:
         fields["reason"] = ex.reason
     if ex.upstream_status:
@@ -176,22 +224,32 @@ def finish(ex: "Exchange", enabled: bool = True, client: str = "", log_arguments
         # operator turned on logging.log_arguments.
         raw = orjson.dumps(ex.arguments)             # as parsed (the client's key order)
         fields["arguments_bytes"] = len(raw)
-        fields["arguments_sha256"] = hashlib.sha256(raw).hexdigest()[:16]
+        h = _B2.copy()                                # _b2, inlined: this runs for every call
+        h.update(raw)
+        fields["arguments_b2"] = h.hexdigest()
         if log_arguments:
             fields["arguments"] = redact_value("arguments", ex.arguments)
     if ex.result_bytes >= 0:                          # closed formats: written as they are
         fields["result_bytes"] = ex.result_bytes
         if ex.result_body is not None:
-            fields["result_sha256"] = hashlib.sha256(ex.result_body).hexdigest()[:16]
+            h = _B2.copy()
+            h.update(ex.result_body)
+            fields["result_b2"] = h.hexdigest()
+    if ex.limit:
+        fields["limit"] = ex.limit                    # closed set (limit ids come from the policy files)
     if ex.trace is not None:
         fields["trace_id"] = ex.trace.trace_id        # 32 lower-case hex digits, checked by the parser
     if ex.audit:
         for key, value in ex.audit.items():
             fields[key] = redact_value(key, value)
-    WRITER.write(prefix + orjson.dumps(fields, default=str)[1:])
+    return prefix + orjson.dumps(fields, default=str)[1:]
 
 
 _PREFIXES: dict[tuple[Any, ...], tuple[Any, Any, bytes]] = {}
+# BLAKE2b with an 8-byte digest (``b2sum -l 64`` computes the same): fewer instructions
+# than SHA-256 through OpenSSL on these short inputs, and as collision-safe as the
+# 64-bit SHA-256 prefix it replaces.  Copying this prepared object skips the keyword parsing.
+_B2 = hashlib.blake2b(digest_size=8)
 
 
 def _prefix(ex: "Exchange", p: Any, method: str | None, audit_safe: Any) -> bytes:

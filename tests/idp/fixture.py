@@ -7,6 +7,7 @@ Fixture ``idp`` (registered from ``tests/conftest.py``) is a factory::
     as_.issuer                           # "http://127.0.0.1:<port>"
     as_.client_credentials(resource, scope="mcp:read")   # a real RS256 at+jwt
     as_.rotate()                         # new signing key first; old ones still published
+    as_.retire()                         # only the current key stays published
     as_.mint(claims, header=None)        # sign arbitrary claims with the current key
 
 ``HeadlessBrowser`` plays the user agent for the MCP SDK's ``OAuthClientProvider``:
@@ -79,6 +80,11 @@ class Idp:
     def rotate(self) -> list[str]:
         """A new signing key becomes current; the previous ones stay in the JWKS."""
         self.kids = self._control("/__test/rotate")["kids"]
+        return self.kids
+
+    def retire(self) -> list[str]:
+        """Only the current signing key stays in the JWKS (the end of a rotation)."""
+        self.kids = self._control("/__test/retire")["kids"]
         return self.kids
 
     def mint(self, claims: dict[str, Any], header: dict[str, Any] | None = None) -> str:

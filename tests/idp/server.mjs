@@ -5,8 +5,12 @@
 //   IDP_PORT=0 node tests/idp/server.mjs
 //   -> IDP_READY {"issuer":"http://127.0.0.1:41234","port":41234,"kids":["..."]}
 //
-// Binds 127.0.0.1 only. Environment (all optional):
+// Binds 127.0.0.1 unless told otherwise. Environment (all optional):
 //   IDP_PORT            port (0: the kernel picks; default 0)
+//   IDP_HOST            address to bind (default 127.0.0.1; docker-compose.yml binds 0.0.0.0)
+//   IDP_ISSUER          issuer URL (default http(s)://IDP_HOST:port): the name clients reach it by
+//   IDP_TLS_CERT/KEY    PEM files: serve HTTPS (the gateway fetches JWKS over plain HTTP from
+//                       loopback only, so the compose stack's AS on another host speaks TLS)
 //   IDP_JWKS_FILE       keep the signing keys in this file (created when missing)
 //   IDP_RESOURCES       JSON {"<resource url>": "scope scope"}: strict allow-list of resources
 //   IDP_DEFAULT_SCOPES  scopes of any loopback resource when IDP_RESOURCES is unset
@@ -19,14 +23,18 @@
 //   IDP_TOKEN_TTL       access token lifetime in seconds (default 300)
 //   IDP_CONTROL=1       enable POST /__test/rotate (new signing key first, old keys kept)
 //                       and POST /__test/mint (sign arbitrary claims with the current key)
+//                       and POST /__test/retire (only the current signing key stays published)
 import crypto from "node:crypto";
 import fs from "node:fs";
 import http from "node:http";
+import https from "node:https";
 
 import * as jose from "jose";
 import Provider, { errors } from "oidc-provider";
 
-const HOST = "127.0.0.1";
+const HOST = process.env.IDP_HOST || "127.0.0.1";
+const TLS = process.env.IDP_TLS_CERT && process.env.IDP_TLS_KEY
+  ? { cert: fs.readFileSync(process.env.IDP_TLS_CERT), key: fs.readFileSync(process.env.IDP_TLS_KEY) } : null;
 const env = process.env;
 const TTL = Number(env.IDP_TOKEN_TTL || 300);
 const SUBJECT = env.IDP_SUBJECT || "test-user";
@@ -213,6 +221,14 @@ async function control(req, res, path) {
     console.log(`IDP_ROTATED ${JSON.stringify({ kids: state.keys.map((k) => k.kid) })}`);
     return json(res, 200, { kids: state.keys.map((k) => k.kid) });
   }
+  if (path === "/__test/retire") {
+    // The end of a rotation: every key but the current one leaves the JWKS.
+    state.keys = [state.keys[0]];
+    saveKeys(state.keys);
+    install(buildProvider(state.issuer, state.keys));
+    console.log(`IDP_RETIRED ${JSON.stringify({ kids: state.keys.map((k) => k.kid) })}`);
+    return json(res, 200, { kids: state.keys.map((k) => k.kid) });
+  }
   if (path === "/__test/mint") {
     // Sign arbitrary claims/header with the current key (for claim-level edge cases).
     // Signed by hand: jose refuses headers such as an unknown `crit`, which is the point here.
@@ -232,7 +248,7 @@ function install(provider) {
   state.callback = provider.callback();
 }
 
-const server = http.createServer(async (req, res) => {
+const handler = async (req, res) => {
   try {
     const path = new URL(req.url, state.issuer).pathname;
     if (env.IDP_CONTROL === "1" && req.method === "POST" && path.startsWith("/__test/")) {
@@ -245,11 +261,13 @@ const server = http.createServer(async (req, res) => {
     console.error("request failed", err);
     if (!res.headersSent) json(res, 500, { error: "server_error", error_description: String(err.message) });
   }
-});
+};
+const server = TLS ? https.createServer(TLS, handler) : http.createServer(handler);
 
 server.listen(Number(env.IDP_PORT || 0), HOST, () => {
   const { port } = server.address();
-  state.issuer = `http://${HOST}:${port}`; // pitfall 4: at the root, no trailing slash
+  // pitfall 4: at the root, no trailing slash
+  state.issuer = env.IDP_ISSUER || `${TLS ? "https" : "http"}://${HOST}:${port}`;
   state.keys = loadKeys();
   install(buildProvider(state.issuer, state.keys));
   console.log(`IDP_READY ${JSON.stringify({ issuer: state.issuer, port, kids: state.keys.map((k) => k.kid) })}`);

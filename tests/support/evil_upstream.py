@@ -15,8 +15,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# script(evil, request id, parsed body) -> raw HTTP response bytes (may await, e.g. to push on GET)
-Script = Callable[["EvilUpstream", Any, dict[str, Any]], Awaitable[bytes]]
+# script(evil, request id, parsed body) -> raw HTTP response bytes (may await, e.g. to push on GET),
+# or a list of byte chunks, each written and drained on its own (a reply split at chosen offsets),
+# or a Writer: it is given the connection's writer and writes what it likes (an endless body);
+# the connection is closed when it returns.
+Writer = Callable[[asyncio.StreamWriter], Awaitable[None]]
+Script = Callable[["EvilUpstream", Any, dict[str, Any]], Awaitable["bytes | list[bytes] | Writer"]]
 
 SAFE_TOOL = {"name": "safe_tool", "description": "Harmless.", "inputSchema": {"type": "object"}}
 SECRET_TOOL = {"name": "secret_tool", "description": "Must never reach a caller the policy refuses.",
@@ -116,15 +120,21 @@ class EvilUpstream:
                     continue
                 msg = json.loads(body)
                 answer = await self._answer(msg, headers)
-                writer.write(answer)
-                await writer.drain()
+                if callable(answer):
+                    await answer(writer)
+                    writer.close()
+                    return
+                for chunk in answer if isinstance(answer, list) else [answer]:
+                    writer.write(chunk)
+                    await writer.drain()
+                answer = b"".join(answer) if isinstance(answer, list) else answer
                 if b"Connection: close" in answer.split(b"\r\n\r\n", 1)[0]:
                     writer.close()
                     return
         except ConnectionError:
             return
 
-    async def _answer(self, msg: dict[str, Any], headers: dict[str, str]) -> bytes:
+    async def _answer(self, msg: dict[str, Any], headers: dict[str, str]) -> "bytes | list[bytes] | Writer":
         method = msg.get("method")
         if method is None or "id" not in msg:
             return http(202, b"", None)

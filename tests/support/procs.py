@@ -148,6 +148,12 @@ class ManagedProcess:
                 self.popen.wait(min(PROBE_PACE, remaining))
             except subprocess.TimeoutExpired:
                 continue
+            # The child exited: a probe its exit satisfies (a closed listener) may hold now.
+            try:
+                if probe():
+                    return
+            except (OSError, http.client.HTTPException):
+                pass
             self._fail(f"exited (code {self.popen.returncode}) before the {what} succeeded")
 
     def _fail(self, why: str) -> None:

@@ -5,6 +5,7 @@ Run it as a process (the ``upstream`` fixture does)::
     python -m tests.support.upstream_server --port 0 [--json-response] [--stateless]
         [--record FILE] [--require-bearer TOKEN] [--retry-interval MS]
         [--echo-description TEXT] [--no-dns-rebinding-protection] [--set-cookie NAME=VALUE]
+        [--get-delay MS]
 
 It binds 127.0.0.1 (port 0 lets the kernel choose) and prints one line once it accepts
 connections::
@@ -155,6 +156,15 @@ def build_server(echo_description: str | None = None) -> MCPServer:
                 await anyio.sleep(interval_ms / 1000)
         return f"resumed and done after {steps} steps"
 
+    @mcp.tool(description="Legacy era: send log messages 'announcement <n>' for n in [start, start+count) "
+              "on the session's own (GET) stream, not this call's; close_stream: then close that stream.")
+    async def announce(start: int, count: int, ctx: Context, close_stream: bool = False) -> str:
+        for n in range(start, start + count):
+            await ctx.session.send_log_message(level="info", data=f"announcement {n}", logger="announce")
+        if close_stream:                  # then end that stream: the client must reconnect to hear more
+            await ctx.close_standalone_sse_stream()
+        return f"announced {count}"
+
     @mcp.tool(description="Ask the client's LLM (sampling/createMessage) and return its text.")
     async def ask_sampling(prompt: str, reply: Annotated[CreateMessageResult, Resolve(_sample)]) -> str:
         content = reply.content
@@ -218,15 +228,17 @@ ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Call
 
 
 class RecordAndGuard:
-    """ASGI wrapper: records each HTTP request (``--record``), enforces ``--require-bearer``
-    and adds ``--set-cookie`` to every response."""
+    """ASGI wrapper: records each HTTP request (``--record``), enforces ``--require-bearer``,
+    adds ``--set-cookie`` to every response and holds each ``GET`` ``--get-delay`` ms before the
+    SDK sees it (a slow origin: its standalone stream exists only once its answer starts)."""
 
     def __init__(self, app: ASGIApp, record_path: str | None, bearer: str | None,
-                 set_cookie: str | None = None) -> None:
+                 set_cookie: str | None = None, get_delay_ms: int = 0) -> None:
         self.app = app
         self.record_path = record_path
         self.bearer = bearer
         self.cookie = set_cookie.encode("latin-1") if set_cookie else None
+        self.get_delay = get_delay_ms / 1000
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -250,6 +262,8 @@ class RecordAndGuard:
                                          "error": {"code": -32001, "message": "upstream: bad bearer"}},
                              [(b"www-authenticate", b'Bearer realm="test-upstream"')])
             return
+        if self.get_delay and scope["method"] == "GET":
+            await anyio.sleep(self.get_delay)
         replayed = False
 
         async def replay() -> dict[str, Any]:
@@ -346,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--echo-description", help="replace the echo tool's description (rug-pull tests)")
     parser.add_argument("--no-dns-rebinding-protection", action="store_true")
     parser.add_argument("--set-cookie", metavar="NAME=VALUE", help="a Set-Cookie header on every response")
+    parser.add_argument("--get-delay", type=int, default=0, metavar="MS", help="hold each GET this long first")
     args = parser.parse_args(argv)
 
     mcp = build_server(args.echo_description)
@@ -366,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     sock.bind(("127.0.0.1", args.port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        RecordAndGuard(app, args.record, args.require_bearer, args.set_cookie),
+        RecordAndGuard(app, args.record, args.require_bearer, args.set_cookie, args.get_delay),
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=2,

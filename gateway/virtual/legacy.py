@@ -1,0 +1,326 @@
+"""A virtual server in the 2025-11-25 era: one client session over lazily opened origin sessions.
+
+- ``initialize`` is answered by the gateway (the virtual server's own
+  serverInfo, a fixed capability set) and creates the virtual session
+  (``sessions.py``); every later request must name it (none: 400
+  ``session_required``; unknown, or another principal's: 404, as on a mount).
+- An origin's upstream session is opened the first time the client's session
+  needs it (a list, a call routed to it, the GET stream): ``initialize`` with
+  the client's own params, then ``notifications/initialized``, each a
+  sub-exchange through the origin's stages like any call.  The upstream id is
+  mapped by the session stage (a mount session record) and the virtual session
+  maps the origin to it.  One opening per (session, origin) per replica; across
+  replicas the first stored mapping wins and the loser's upstream session is
+  ended.  An origin that cannot be opened is left out of lists (as a late
+  origin) and a call to it fails; the others work.
+- Server-to-client requests (sampling, elicitation, roots) relayed from an
+  origin get an id of the gateway's (``ids.py``); the client's answer is routed
+  back to that origin with the original id.  An id the gateway did not issue
+  for this session is 400 (``answer_id_invalid``), never forwarded.
+- The client's ``notifications/cancelled`` goes to the origin running that
+  request (on this replica), ``notifications/roots/list_changed`` to every
+  origin with an open session; other client notifications end here.
+- Notifications are relayed as the origin sent them (progress tokens and
+  resource URIs are the client's own), logging messages tagged with their
+  origin in ``_meta``.
+- ``GET`` (``merged.py``) merges every origin's stream, with event ids that
+  resume every origin; or resumes one origin's call stream.
+- ``DELETE`` ends every origin session, then the virtual session.
+"""
+from __future__ import annotations
+
+import asyncio
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import orjson
+import structlog
+from aiohttp import web
+
+from .. import __version__
+from ..errors import BadRequest, MethodNotAllowed, UpstreamError
+from ..telemetry.metrics import BOUND, SESSIONS, security_event
+from ..store.sessions import SessionRecord
+from .ids import VirtualIds
+from .merged import Streams
+from .sessions import SESSIONLESS
+
+if TYPE_CHECKING:
+    from ..config.virtual import VirtualServerConfig
+    from ..pipeline import Exchange
+    from ..stages.stream import EventIds
+    from .router import VirtualRouter
+    from .sessions import VirtualSessions
+
+log = structlog.get_logger("gateway.virtual")
+security = structlog.get_logger("gateway.security")
+
+LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
+META_ORIGIN = "io.mcpgw/origin"
+_INIT_ID = "mcpgw-virtual-init"
+_CAPABILITIES = {"tools": {"listChanged": True}, "prompts": {"listChanged": True},
+                 "resources": {"listChanged": True, "subscribe": True}, "completions": {}, "logging": {}}
+
+
+class LegacyVirtual:
+    """The 2025-11-25 half of ``VirtualRouter`` (which it calls back for lists and routed calls)."""
+
+    def __init__(self, router: "VirtualRouter", *, sessions: "VirtualSessions", session: Callable[["Exchange"], Any],
+                 event_ids: "EventIds", open_stream: Any, path: Any, event_limit: int) -> None:
+        self._router = router
+        self._ids = VirtualIds(event_ids)
+        self._sessions = sessions
+        self._session = session              # the session stage's check: binds ex.session
+        self._opening: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        # (virtual session, the client's request id as JSON) -> the sub-exchange running it
+        self._running: dict[tuple[str, bytes], "Exchange"] = {}
+        self._streams = Streams(self, router, self._ids, event_ids, open_stream, path, event_limit)
+
+    async def run(self, ex: "Exchange", vs: "VirtualServerConfig") -> web.StreamResponse:
+        req = ex.request
+        sid = req.headers.get("Mcp-Session-Id")
+        if req.method == "POST" and ex.method == "initialize":
+            if sid is not None:
+                raise BadRequest("this session is already initialized", reason="session_exists")
+            return await self._initialize(ex, vs)
+        if sid is None:
+            raise BadRequest("Mcp-Session-Id is required: initialize a session first", reason="session_required")
+        pending = self._session(ex)
+        if pending is not None:
+            await pending
+        if req.method == "DELETE":
+            return await self._delete(ex, vs)
+        if req.method == "GET":
+            return await self._streams.get(ex, vs)
+        if req.method != "POST":
+            raise MethodNotAllowed("use GET, POST or DELETE", headers={"Allow": "GET, POST, DELETE"})
+        if ex.method is None:
+            return await self._client_answer(ex, vs)
+        if not ex.is_request:
+            if ex.method == "notifications/roots/list_changed":
+                await self._to_open_origins(ex, vs)
+            elif ex.method == "notifications/cancelled":
+                await self._cancel(ex, vs)
+            ex.status = 202                   # other client notifications: nothing to route
+            return web.Response(status=202)
+        if ex.method == "logging/setLevel":
+            return await self._set_level(ex, vs)
+        return await self._router.request(ex, vs)
+
+    @contextmanager
+    def in_flight(self, ex: "Exchange", sub: "Exchange") -> Iterator[None]:
+        """While ``sub`` runs, a ``notifications/cancelled`` naming the client's request id goes to its
+        origin (on this replica: a cancellation that reaches another one is dropped)."""
+        assert ex.session is not None
+        key = (ex.session.id, orjson.dumps(ex.rpc_id))
+        self._running[key] = sub
+        try:
+            yield
+        finally:
+            if self._running.get(key) is sub:
+                del self._running[key]
+
+    async def _cancel(self, ex: "Exchange", vs: "VirtualServerConfig") -> None:
+        assert ex.session is not None
+        params = ex.message.get("params") if isinstance(ex.message, dict) else None
+        request_id = params.get("requestId") if isinstance(params, dict) else None
+        if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+            return
+        running = self._running.get((ex.session.id, orjson.dumps(request_id)))
+        if running is None:
+            return
+        sub = self._router.sub(ex, vs, running.server.name, "notifications/cancelled", dict(params), rpc_id=None)
+        sub.session, sub.upstream_session_id = running.session, running.upstream_session_id
+        await self._router.call_origin(sub, self._post)
+
+    async def _to_open_origins(self, ex: "Exchange", vs: "VirtualServerConfig") -> None:
+        """A client notification every origin with an open session hears (the client's roots changed)."""
+        async def one(rec: "SessionRecord") -> None:
+            sub = self._router.sub(ex, vs, rec.server, ex.method, None, rpc_id=None)
+            self.attach(ex, sub, rec)
+            await self._router.call_origin(sub, self._post)
+
+        recs = await asyncio.gather(*(self.existing(ex, inc.server) for inc in vs.includes))
+        await asyncio.gather(*(one(rec) for rec in recs if rec is not None), return_exceptions=True)
+
+    async def _set_level(self, ex: "Exchange", vs: "VirtualServerConfig") -> web.Response:
+        """The level is the session's: every origin gets it (an origin without logging refuses it, which
+        the client need not know); the answer fails only when every origin refused."""
+        params = ex.message.get("params") if isinstance(ex.message, dict) else None
+
+        async def one(origin: str) -> int:
+            sub = self._router.sub(ex, vs, origin, "logging/setLevel", params if isinstance(params, dict) else {})
+            await self.bind(ex, vs, sub, hook=False)
+            resp = await self._router.call_origin(sub, self._post)
+            body = resp.body if isinstance(resp, web.Response) else None
+            return resp.status if isinstance(body, bytes) and b'"result"' in body else 0
+
+        done = await asyncio.gather(*(one(inc.server) for inc in vs.includes), return_exceptions=True)
+        if not any(status == 200 for status in done):
+            raise BadRequest("no origin accepted the logging level", reason="invalid_params")
+        return self._router.answer(ex, {})
+
+    async def _initialize(self, ex: "Exchange", vs: "VirtualServerConfig") -> web.Response:
+        params = ex.message.get("params") if isinstance(ex.message, dict) else None
+        params = params if isinstance(params, dict) else {}
+        requested = params.get("protocolVersion")
+        version = requested if requested in LEGACY_VERSIONS else LEGACY_VERSIONS[0]
+        rec = await self._sessions.create(vs.name, ex.principal.key, version, params)
+        ex.session = rec
+        BOUND.get(SESSIONS, vs.name, "created").inc()
+        result: dict[str, Any] = {"protocolVersion": version, "capabilities": _CAPABILITIES,
+                                  "serverInfo": {"name": vs.name, "version": __version__}}
+        if vs.description:
+            result["instructions"] = vs.description
+        resp = self._router.answer(ex, result)
+        resp.headers["Mcp-Session-Id"] = rec.id
+        return resp
+
+    # -- origin sessions ------------------------------------------------------------
+
+    async def bind(self, ex: "Exchange", vs: "VirtualServerConfig", sub: "Exchange", *, hook: bool = True) -> None:
+        """Give ``sub`` its origin's upstream session (opened now if needed) and the id-rewriting hook."""
+        rec = await self.origin_session(ex, vs, sub.server.name)
+        self.attach(ex, sub, rec)
+        if hook:
+            # Registered before the origin's stages register theirs: it runs last on the way
+            # back, after the origin's hooks saw the origin's own message.
+            sub.response_hooks.append(self.hook(ex, sub.server.name))
+
+    @staticmethod
+    def attach(ex: "Exchange", sub: "Exchange", rec: "SessionRecord") -> None:
+        """``sub`` goes out in ``rec`` (none for a sessionless origin) and answers in the client's session."""
+        if rec.id:
+            sub.session, sub.upstream_session_id = rec, rec.upstream_id
+        assert ex.session is not None
+        sub.response_headers = {**(sub.response_headers or {}), "Mcp-Session-Id": ex.session.id}
+
+    def hook(self, ex: "Exchange", origin: str) -> Callable[["Exchange", dict[str, Any]], dict[str, Any]]:
+        assert ex.session is not None
+        sid, principal = ex.session.id, ex.principal.key
+        ids = self._ids
+
+        def relay(_sub: "Exchange", msg: dict[str, Any]) -> dict[str, Any]:
+            method = msg.get("method")
+            if method is None:
+                return msg
+            if "id" in msg:           # a server-to-client request: the client answers the gateway's id
+                msg["id"] = ids.request_id(sid, principal, origin, msg["id"])
+            elif method == "notifications/message" and isinstance(msg.get("params"), dict):
+                params = msg["params"]
+                meta = params.get("_meta")
+                params["_meta"] = {**(meta if isinstance(meta, dict) else {}), META_ORIGIN: origin}
+            return msg
+
+        return relay
+
+    async def existing(self, ex: "Exchange", origin: str) -> "SessionRecord | None":
+        """``origin``'s session for the client's virtual session, if one is open."""
+        assert ex.session is not None
+        mount_sid = await self._sessions.origin(ex.session.id, origin)
+        if mount_sid is None:
+            return None
+        if mount_sid == SESSIONLESS:
+            return SessionRecord("", origin, "", ex.principal.key, "", 0.0)
+        rec = await self._sessions.sessions.get(mount_sid)
+        if rec is not None and rec.server == origin and rec.principal == ex.principal.key:
+            return rec
+        await self._sessions.forget(ex.session.id, origin)     # expired, or ended upstream
+        return None
+
+    async def origin_session(self, ex: "Exchange", vs: "VirtualServerConfig", origin: str) -> "SessionRecord":
+        rec = await self.existing(ex, origin)
+        if rec is not None:
+            return rec
+        assert ex.session is not None
+        key = (ex.session.id, origin)
+        task = self._opening.get(key)
+        if task is None:
+            # One opening per (session, origin) on this replica; a waiter that gives up
+            # (a list's origin_timeout) does not cancel it for the others.
+            task = self._opening[key] = asyncio.ensure_future(self._open(ex, vs, origin))
+            task.add_done_callback(lambda t, key=key: (self._opening.pop(key, None),
+                                                       t.cancelled() or t.exception()))
+        return await asyncio.shield(task)
+
+    async def _open(self, ex: "Exchange", vs: "VirtualServerConfig", origin: str) -> "SessionRecord":
+        assert ex.session is not None
+        router = self._router
+        params = await self._sessions.init_params(ex.session.id)
+        init = router.sub(ex, vs, origin, "initialize", params, rpc_id=_INIT_ID)
+        init.extra_upstream_headers.update(_POST_HEADERS)
+        init.extra_upstream_headers["MCP-Protocol-Version"] = None
+        resp = await router.call_origin(init, self._post)
+        rec = init.session
+        if resp.status == 200 and rec is None:
+            # The origin keeps no sessions (a stateless server): nothing to map or end.
+            await self._sessions.claim(ex.session.id, origin, SESSIONLESS)
+            return SessionRecord("", origin, "", ex.principal.key, "", 0.0)
+        if resp.status != 200 or rec is None:
+            log.warning("virtual.origin_session_failed", virtual=vs.name, server=origin,
+                        reason=init.reason or "no_session", status=resp.status)
+            raise UpstreamError(f"could not open a session with {origin}",
+                                reason=init.reason or "origin_session_missing")
+        note = router.sub(ex, vs, origin, "notifications/initialized", {}, rpc_id=None)
+        self.attach(ex, note, rec)
+        note.extra_upstream_headers.update(_POST_HEADERS)
+        await router.call_origin(note, self._post)
+        winner = await self._sessions.claim(ex.session.id, origin, rec.id)
+        if winner == rec.id:
+            log.info("virtual.origin_session_opened", virtual=vs.name, server=origin, session=ex.session.short)
+            return rec
+        # Another replica opened this origin first: end ours, use theirs.
+        await self._end_origin(ex, vs, rec)
+        theirs = await self.existing(ex, origin)
+        if theirs is None:
+            raise UpstreamError(f"could not open a session with {origin}", reason="origin_session_missing")
+        return theirs
+
+    async def _post(self, sub: "Exchange") -> web.StreamResponse:
+        return await self._router.collect(sub, "POST")
+
+    async def _end_origin(self, ex: "Exchange", vs: "VirtualServerConfig", rec: "SessionRecord") -> None:
+        sub = self._router.sub(ex, vs, rec.server, None)
+        self.attach(ex, sub, rec)
+        sub.extra_upstream_headers["Accept"] = "application/json, text/event-stream"
+
+        async def delete(sub: "Exchange") -> web.StreamResponse:
+            return await self._router.collect(sub, "DELETE")
+
+        await self._router.call_origin(sub, delete)
+        await self._sessions.sessions.delete(rec.id)      # (the session stage drops it on a client's DELETE)
+
+    async def _delete(self, ex: "Exchange", vs: "VirtualServerConfig") -> web.Response:
+        assert ex.session is not None
+        recs = await asyncio.gather(*(self.existing(ex, inc.server) for inc in vs.includes))
+        ended = await asyncio.gather(*(self._end_origin(ex, vs, rec) for rec in recs if rec is not None and rec.id),
+                                     return_exceptions=True)
+        for failure in ended:
+            if isinstance(failure, BaseException):   # best effort: the upstream's idle expiry is the backstop
+                log.warning("virtual.origin_end_failed", virtual=vs.name, error=type(failure).__name__)
+        await self._sessions.end(ex.session.id, tuple(inc.server for inc in vs.includes))
+        BOUND.get(SESSIONS, vs.name, "deleted").inc()
+        ex.status = 200
+        return web.Response(status=200)
+
+    # -- the client's answers to server-to-client requests ---------------------------
+
+    async def _client_answer(self, ex: "Exchange", vs: "VirtualServerConfig") -> web.StreamResponse:
+        assert ex.session is not None and isinstance(ex.message, dict)
+        found = self._ids.original(ex.session.id, ex.principal.key, ex.rpc_id)
+        rec = None
+        if found is not None and vs.include_for(found[0]) is not None:
+            rec = await self.existing(ex, found[0])
+        if found is None or rec is None:
+            security_event("virtual_answer_refused")
+            security.warning("security.virtual_answer_refused", server=vs.name, session=ex.session.short,
+                             forged=found is None)
+            raise BadRequest("this answer does not match a request the gateway relayed in this session",
+                             reason="answer_id_invalid")
+        message = {**ex.message, "id": found[1]}
+        sub = self._router.sub(ex, vs, rec.server, None, message=message)
+        self.attach(ex, sub, rec)
+        sub.extra_upstream_headers["Mcp-Method"] = None
+        return await self._router.call_origin(sub, self._router.forward)
+
+_POST_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}

@@ -1,0 +1,288 @@
+"""A virtual server's request path: answer the merged lists, route each call to its origin.
+
+The virtual exchange (``ex.server`` is the virtual mount) runs the front of the
+request path (hygiene, authn against the virtual audience, parse).  Then every
+call to an origin is a sub-exchange with the origin as ``ex.server`` and the
+original name in the body and ``Mcp-Name``: it re-enters the origin's own
+stages (scopes, authz, pinning, rate limits) and is audited as
+a call to the origin (``via`` names the virtual server), so an origin's rules
+hold exactly as on its own mount.  Policies may also name the virtual server:
+its section is decided on the published (prefixed) name after the origin's
+rules, and a call must pass both (deny wins).
+
+Lists fan out to every origin at once, each within ``origin_timeout``; an
+origin that fails or is late is left out (log, metric, ``_meta``) and the
+rest is still answered.  Resource URIs are published unchanged and routed to
+the origin that listed them (``lists.py``).
+
+Both eras are served.  2026-07-28 is sessionless: every call is one sub-exchange.
+A 2025-11-25 client gets a virtual session (``legacy.py``, stored by
+``sessions.py``): the gateway answers ``initialize`` itself and opens each
+origin's upstream session lazily, the first time the client's session needs
+that origin, with the client's own capabilities; ``DELETE`` ends them all.
+Server-to-client requests and the merged GET stream carry ids of the gateway's
+own (``ids.py``, signed and bound to the session and principal).
+
+The session and stream stages are the virtual server's, not the origin's: the
+client's ``Mcp-Session-Id`` and ``Last-Event-ID`` name the virtual session and
+stream.  The router sets each sub-exchange's origin session (``sub.session``)
+and stream origin (``sub.origin``) itself, so the head and message phases (the
+session mapping, event ids, answer admission) work on the origin as on its mount.
+"""
+from __future__ import annotations
+
+import base64
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from ..errors import (
+    METHOD_NOT_FOUND, BadRequest, GatewayError, MethodNotAllowed, PolicyDenied,
+)
+from ..pipeline import MODERN, Exchange
+from ..stages.stream import Origin
+from ..policy.decide import ALLOWED, ANY, UNKNOWN, decide
+from ..policy.model import PROMPTS, RESOURCES, TOOLS
+from ..stages.authz import refuse
+from .legacy import LegacyVirtual
+from .lists import LISTS, Lists, params_of
+
+if TYPE_CHECKING:
+    from ..config.virtual import Include, VirtualServerConfig
+
+MODERN_VERSION = "2026-07-28"
+_NAMED = {"tools/call": (TOOLS, "Unknown tool: {}"), "prompts/get": (PROMPTS, "Unknown prompt: {}")}
+_NO_ANSWERS = Origin("n", None, None)     # a sub-exchange that is not a request: its stream answers nothing
+_JSON = {"Content-Type": "application/json"}
+_SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_BY_URI = frozenset({"resources/read", "resources/subscribe", "resources/unsubscribe"})
+
+Serve = Callable[[Exchange, Callable[[Exchange], Awaitable[web.StreamResponse]]], Awaitable[web.StreamResponse]]
+Check = Callable[[Exchange], "Awaitable[None] | None"]
+
+
+class VirtualRouter:
+    """Built once by ``app.py``: the stages to run at each level and how to reach the upstreams."""
+
+    def __init__(self, config: Any, serve: Serve, front: tuple[Check, ...], origin: tuple[Check, ...],
+                 limits: Check, forward: Callable[[Exchange], Awaitable[web.StreamResponse]],
+                 collect: Callable[..., Awaitable[web.Response]], policies: Any, catalog: Any,
+                 legacy: dict[str, Any]) -> None:
+        self.virtual: dict[str, VirtualServerConfig] = config.virtual_servers
+        self._servers = config.servers
+        self._serve = serve
+        self._front = front
+        self._origin = origin
+        self._limits = limits
+        self.forward = forward
+        self.collect = collect
+        self._policies = policies
+        self._catalog = catalog
+        self.lists = Lists(self, self.virtual, policies)
+        # The 2025-11-25 era: sessions, opened origin sessions, rewritten ids (legacy.py).
+        self.legacy = LegacyVirtual(self, **legacy)
+
+    # -- the virtual exchange -------------------------------------------------------
+
+    async def run(self, ex: Exchange) -> web.StreamResponse:
+        vs = self.virtual[ex.server.name]
+        for check in self._front:
+            pending = check(ex)
+            if pending is not None:
+                await pending
+        if ex.method == "server/discover":
+            # The 2026-07-28 probe ("auto" clients): what this virtual server speaks.
+            result: dict[str, Any] = {"supportedVersions": [MODERN_VERSION], "resultType": "complete",
+                                      "capabilities": {"tools": {}, "resources": {}, "prompts": {}},
+                                      "cacheScope": "public", "ttlMs": 0}
+            if vs.description:
+                result["instructions"] = vs.description
+            return self.answer(ex, result)
+        if ex.era != MODERN:
+            return await self.legacy.run(ex, vs)
+        if ex.request.method != "POST":
+            raise MethodNotAllowed("a 2026-07-28 virtual server takes POST only", headers={"Allow": "POST"})
+        if ex.method is None or not ex.is_request:
+            ex.status = 202                   # client notifications and answers: nothing to route
+            return web.Response(status=202)
+        return await self.request(ex, vs)
+
+    async def request(self, ex: Exchange, vs: "VirtualServerConfig") -> web.StreamResponse:
+        """A client request (either era, the session already bound): answered here or routed."""
+        method = ex.method
+        modern = ex.era == MODERN
+        if method == "ping":
+            return self.answer(ex, {"resultType": "complete"} if modern else {})
+        if method in LISTS:
+            return self.answer(ex, await self.lists.merged(ex, vs, method))
+        params = params_of(ex)
+        if method == "completion/complete":
+            ref = params.get("ref")
+            if isinstance(ref, dict) and ref.get("type") == "ref/prompt" and isinstance(ref.get("name"), str):
+                inc, original = self._by_name(vs, "prompts/get", ref["name"])
+                params["ref"] = {**ref, "name": original}
+                return await self._route(ex, vs, inc, method, params, original, (PROMPTS, ref["name"]))
+            if isinstance(ref, dict) and ref.get("type") == "ref/resource" and isinstance(ref.get("uri"), str):
+                inc = await self.lists.route_uri(ex, vs, ref["uri"])
+                return await self._route(ex, vs, inc, method, params, ref["uri"], (RESOURCES, ref["uri"]))
+            raise BadRequest("params.ref must name a prompt or a resource", reason="invalid_params")
+        if method in _NAMED:
+            inc, original = self._by_name(vs, method, ex.name or "")
+            params["name"] = original
+            return await self._route(ex, vs, inc, method, params, original)
+        if method in _BY_URI:
+            uri = params.get("uri")
+            if not isinstance(uri, str):
+                raise BadRequest("params.uri must be a string", reason="invalid_params")
+            inc = await self.lists.route_uri(ex, vs, uri)
+            return await self._route(ex, vs, inc, method, params, uri)
+        raise _not_found(method)
+
+    def answer(self, ex: Exchange, result: dict[str, Any]) -> web.Response:
+        """The gateway's own answer.  A 2025-11-25 client that accepts SSE gets it as one event, as
+        its origins answer (clients may expect a POST's answer to be a stream)."""
+        ex.status = 200
+        body = orjson.dumps({"jsonrpc": "2.0", "id": ex.rpc_id, "result": result})
+        if ex.era != MODERN and "text/event-stream" in ex.request.headers.get("Accept", ""):
+            return web.Response(status=200, body=b"event: message\ndata: " + body + b"\n\n", headers=_SSE)
+        return web.Response(status=200, body=body, headers=_JSON)
+
+    # -- calls ----------------------------------------------------------------------
+
+    def _by_name(self, vs: "VirtualServerConfig", method: str, name: str) -> tuple["Include", str]:
+        kind, unknown = _NAMED[method]
+        found = vs.resolve(name, prompt=kind == PROMPTS)
+        if found is None:
+            raise PolicyDenied(unknown.format(name))
+        return found
+
+    async def _route(self, ex: Exchange, vs: "VirtualServerConfig", inc: "Include", method: str,
+                     params: dict[str, Any], target: str, decided: tuple[str, str] | None = None
+                     ) -> web.StreamResponse:
+        """``decided``: the kind and published name the virtual server's section decides on, when
+        the method does not say (a completion names a prompt or a resource)."""
+        sub = self.sub(ex, vs, inc.server, method, params)
+        sub.name = target
+        if method == "tools/call":
+            sub.arguments = params.get("arguments")
+        if method in _NAMED or method in _BY_URI:
+            sub.extra_upstream_headers["Mcp-Name"] = _header_value(target)
+        published = ex.name if method in _NAMED else target
+        if decided is not None:
+            published = decided[1]
+
+        async def body(sub: Exchange) -> web.StreamResponse:
+            if sub.era != MODERN:
+                await self.legacy.bind(ex, vs, sub)
+            try:
+                await self.run_origin(sub)
+            except PolicyDenied as err:
+                # The origin's refusal names the original; the client only knows the published name.
+                if published != target and err.message.endswith(target):
+                    err.message = err.message[:-len(target)] + published
+                raise
+            self._decide_virtual(ex, vs, method, published, inc.server, target, sub.arguments,
+                                 decided[0] if decided is not None else None)
+            pending = self._limits(sub)
+            if pending is not None:
+                await pending
+            if sub.era == MODERN:
+                return await self.forward(sub)
+            with self.legacy.in_flight(ex, sub):       # the client may cancel it meanwhile
+                return await self.forward(sub)
+
+        try:
+            return await self._serve(sub, body)
+        finally:
+            # The decision and the per-tool count belong to the origin's record (which names
+            # the virtual server in ``via``); the virtual exchange keeps only how it ended.
+            ex.status, ex.outcome, ex.reason = sub.status, sub.outcome, sub.reason
+
+    async def run_origin(self, sub: Exchange) -> None:
+        """The origin's request stages after session and stream (``sub.session`` and ``sub.origin``
+        are the router's: the client's headers name the virtual session and stream, not the origin's)."""
+        for check in self._origin:
+            pending = check(sub)
+            if pending is not None:
+                await pending
+
+    def _decide_virtual(self, ex: Exchange, vs: "VirtualServerConfig", method: str, published: str,
+                        origin: str, target: str, arguments: Any, kind: str | None = None) -> None:
+        """The virtual server's own section, when the policies have one: deny wins over the origin's allow."""
+        policies = self._policies.current
+        if vs.name not in policies.servers:
+            return
+        if kind is None:
+            kind = TOOLS if method == "tools/call" else PROMPTS if method == "prompts/get" else RESOURCES
+        annotations = UNKNOWN
+        if kind == TOOLS:
+            tool = self._catalog.get(origin, target)
+            annotations = (tool.get("annotations") or {}) if tool is not None else UNKNOWN
+        d = decide(policies, vs.name, kind, published, ex.principal,
+                   arguments if kind == TOOLS else ANY, annotations)
+        if d.effect != ALLOWED:
+            refuse(d, kind, published, ex.principal)
+
+    # -- sub-exchanges --------------------------------------------------------------
+
+    def sub(self, ex: Exchange, vs: "VirtualServerConfig", origin: str, method: str | None,
+            params: dict[str, Any] | None = None, *, rpc_id: Any = ..., message: dict[str, Any] | None = None
+            ) -> Exchange:
+        """An exchange to ``origin`` for the same client request, as parse would have left it.
+
+        ``method`` None: no JSON-RPC request (``message``, an answer or nothing: a GET or DELETE);
+        ``rpc_id=None``: a notification; by default the client's request id."""
+        sub = Exchange(ex.request, self._servers[origin])
+        sub.era, sub.protocol_version = ex.era, ex.protocol_version
+        sub.principal, sub.token = ex.principal, ex.token
+        rpc_id = ex.rpc_id if rpc_id is ... else rpc_id
+        if method is not None:
+            message = {"jsonrpc": "2.0", "method": method, "params": params or {}}
+            if rpc_id is not None:
+                message["id"] = rpc_id
+        sub.message = message
+        sub.body = orjson.dumps(message) if message is not None else None
+        sub.rpc_id, sub.method = rpc_id if method is not None else None, method
+        sub.is_request = method is not None and rpc_id is not None
+        if message is not None and method is None:
+            sub.rpc_id = message.get("id")
+        sub.origin = Origin("p", method, rpc_id) if sub.is_request else _NO_ANSWERS
+        sub.audit["via"] = vs.name
+        # The client's Mcp-Method/Mcp-Name name the virtual request; the origin's are these.
+        sub.extra_upstream_headers = {"Mcp-Method": method, "Mcp-Name": None}
+        if ex.response_headers:              # CORS for the client's origin: the sub's answer is the client's
+            sub.response_headers = dict(ex.response_headers)
+        return sub
+
+    async def call_origin(self, sub: Exchange, finish: Callable[[Exchange], Awaitable[web.StreamResponse]],
+                          before: Callable[[Exchange], Awaitable[None]] | None = None) -> web.StreamResponse:
+        """``sub`` through the origin's stages and limits, then ``finish`` (audited as the origin's);
+        ``before``: first (binding the origin's session: its failure is the sub-exchange's answer)."""
+        async def body(sub: Exchange) -> web.StreamResponse:
+            if before is not None:
+                await before(sub)
+            await self.run_origin(sub)
+            pending = self._limits(sub)
+            if pending is not None:
+                await pending
+            return await finish(sub)
+
+        return await self._serve(sub, body)
+
+
+def _header_value(value: str) -> str:
+    """``Mcp-Name`` as a 2026-07-28 client would send it (base64 sentinel for non-ASCII)."""
+    if value.isascii() and value.isprintable():
+        return value
+    return "=?base64?" + base64.b64encode(value.encode()).decode() + "?="
+
+
+class VirtualMethodUnsupported(GatewayError):
+    status = 200
+    code = METHOD_NOT_FOUND
+    reason = "virtual_method_unsupported"
+
+
+def _not_found(method: str) -> GatewayError:
+    return VirtualMethodUnsupported(f"Method not found: {method}")

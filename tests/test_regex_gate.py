@@ -1,0 +1,164 @@
+"""The RE2 gate in front of the result scanner (gateway/inspect/regex_gate.py).
+
+The gate may only ever say "this rule cannot match" when the Python rule indeed does not
+match: each translation must be a superset of its rule.  Checked on every rule of the
+built-in set (definition rules too: the translator must hold for any rule a user writes)
+over every corpus text, over generated texts dense with the rules' own fragments and with
+the Unicode characters where RE2 and Python disagree (non-ASCII letters and digits, Unicode
+spaces), and end to end: the scanner finds exactly the same hits with and without the gate.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import re2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.inspect.poisoning import RuleSet, collect_strings
+from gateway.inspect.regex_gate import RegexGate, Untranslatable, translate
+from gateway.inspect.result_scan import ResultScanner
+from tests.test_regex_linear import _fragments
+
+CORPUS = Path(__file__).parent / "corpus"
+RULES = RuleSet.load()
+_OPTIONS = re2.Options()
+_OPTIONS.max_mem = 64 << 20
+
+
+def _texts() -> list[str]:
+    texts: list[str] = []
+    for name in ("results_poisoned", "results_benign"):
+        texts += [entry["text"] for entry in json.loads((CORPUS / f"{name}.json").read_text())["results"]]
+    for name in ("poisoned", "benign"):
+        for entry in json.loads((CORPUS / f"{name}.json").read_text())["tools"]:
+            texts.append("\n".join(raw for _, raw in collect_strings(entry["tool"])))
+    return texts
+
+
+TEXTS = _texts()
+TRANSLATED = [(rule, re2.compile(translate(rule.regex), _OPTIONS),
+               None if rule.lower is None else re2.compile(translate(rule.lower), _OPTIONS)) for rule in RULES.rules]
+
+
+def _superset_holds(text: str) -> list[str]:
+    lowered = text.lower()
+    broken = []
+    for rule, wide, wide_lower in TRANSLATED:
+        if rule.regex.search(text) and not wide.search(text):
+            broken.append(f"{rule.id} (case-insensitive form)")
+        if wide_lower is not None and len(lowered) == len(text) and rule.lower.search(lowered) \
+                and not wide_lower.search(lowered):
+            broken.append(rule.id)
+    return broken
+
+
+def test_every_rule_translates_and_the_corpora_exercise_them() -> None:
+    assert len(TRANSLATED) == len(RULES.rules) >= 30
+    matched = {rule.id for text in TEXTS for rule, _, _ in TRANSLATED if rule.regex.search(text)}
+    assert len(matched) >= 25, sorted(matched)      # the check below is not vacuous
+
+
+def test_each_translation_matches_wherever_its_rule_matches_on_every_corpus_text() -> None:
+    failures = {i: broken for i, text in enumerate(TEXTS) if (broken := _superset_holds(text))}
+    assert not failures
+
+
+_PIECES = sorted({f for rule in RULES.rules for f in _fragments(rule.regex.pattern)} |
+                 {t for rule in RULES.rules for t in rule.triggers})
+# Where RE2's ASCII classes and Python's Unicode ones differ: letters, digits and spaces.
+_UNICODE = ["é", "ß", "и", "Ж", "ا", "中", "٣", "\u00a0", "\u2003", "\u3000", "\u2028", "\u0085", "\x1c",
+            "_", "\u0301", "İ", "ǅ", "K", " ", "\n", "\t", "."]
+
+
+@settings(max_examples=400, derandomize=True, deadline=None, database=None)
+@given(st.lists(st.one_of(st.sampled_from(_PIECES), st.sampled_from(_UNICODE)), min_size=1, max_size=40))
+def test_translations_are_supersets_on_generated_texts(parts: list[str]) -> None:
+    text = "".join(parts)
+    assert not _superset_holds(text)
+    assert not _superset_holds(" ".join(parts))
+    # And end to end, through both of the gate's paths (ASCII text read as it came, with
+    # the gate folding case; other text lower-cased first).
+    for subject in (text, text.upper(), "".join(p for p in parts if p.isascii()).upper()):
+        assert _GATED.scan(subject) == _PLAIN.scan(subject)
+
+
+_GATED = ResultScanner(RULES, "low")
+_PLAIN = ResultScanner(RULES, "low")
+object.__setattr__(_PLAIN, "_gate", RegexGate([None] * len(_PLAIN.rules)))
+
+
+def test_the_scanner_finds_the_same_hits_with_and_without_the_gate() -> None:
+    for floor in ("low", "high"):
+        gated = ResultScanner(RULES, floor)
+        plain = ResultScanner(RULES, floor)
+        object.__setattr__(plain, "_gate", RegexGate([None] * len(plain.rules)))
+        assert gated._gate.gated and not plain._gate.gated
+        for text in TEXTS:
+            assert gated.scan(text) == plain.scan(text), text[:200]
+
+
+@pytest.mark.parametrize(("pattern", "matches", "misses"), [
+    (r"\bsend\b", ["send", "résend", "send\u00e9"], []),            # \b dropped: wider
+    (r"ignore\s+all", ["ignore\u3000all", "ignore\u00a0 all", "ignore\tall"], ["ignoreall"]),
+    (r"a\Sb", ["a\u00e9b", "axb"], ["a b"]),
+    (r"x\d+", ["x٣", "x12"], ["x"]),
+    (r"[^\w.]@", ["é@", " @"], []),                                 # wider, never narrower
+    (r"copy(?!\s+of)", ["copy of", "copy"], ["cop"]),                # look-ahead dropped
+    (r"(?<=a)b", ["b"], []),
+    (r"(?i:MiXeD)", ["mixed", "MIXED"], []),
+])
+def test_translation_of_each_construct(pattern: str, matches: list[str], misses: list[str]) -> None:
+    regex = re.compile(pattern)
+    wide = re2.compile(translate(regex), _OPTIONS)
+    for text in matches:
+        assert wide.search(text), (pattern, text)
+    for text in misses:
+        assert not wide.search(text), (pattern, text)
+
+
+def test_a_rule_the_gate_cannot_translate_always_runs() -> None:
+    with pytest.raises(Untranslatable):
+        translate(re.compile(r"(a)\1"))
+    gate = RegexGate([re.compile(r"(a)\1"), re.compile("zzz"), None])
+    assert gate.gated == (1,) and gate.ungated == (0, 2)
+    assert gate.candidates("nothing here") == (0, 2)
+    assert gate.candidates("a zzz") == (0, 1, 2)
+
+
+def test_clean_text_costs_one_pass_and_hostile_text_stays_bounded() -> None:
+    """A clean 2 KiB result passes in one RE2 search; 256 Ki characters made of the rules'
+    own fragments (every alternative alive at every position: the DFA's worst case, where
+    RE2 falls back to its NFA) stays far under the scanner's per-message budget."""
+    scanner = ResultScanner(RULES, "low")
+    clean = " ".join(entry["text"] for entry in json.loads((CORPUS / "results_benign.json").read_text())["results"]
+                     if entry["id"] == "ls_home") * 20
+    assert scanner._gate.candidates(clean[:2048].lower()) == ()
+    pieces = [f for rule in scanner.rules for f in _fragments(rule.regex.pattern)]
+    hostile = " ".join(pieces[(i * 7919) % len(pieces)] for i in range(40_000))[:262_144].lower()
+    started = time.thread_time()
+    scanner._gate.candidates(hostile)
+    assert time.thread_time() - started < 0.5
+
+
+def test_the_result_hooks_fast_path_passes_only_what_the_full_walk_finds_nothing_in() -> None:
+    """``stages/results._clean`` answers the common result shape with one gate call over all
+    its strings; whatever it lets through, the full scan must find nothing in (every corpus
+    text, as a tool would return it: content and structuredContent)."""
+    from gateway.inspect.result_scan_config import ScanResults
+    from gateway.stages.results import _clean
+
+    cfg = ScanResults(action="annotate", scanner=ResultScanner(RULES, "high"))
+    passed = 0
+    for text in TEXTS:
+        for variant in (text, text.upper()):
+            result = {"content": [{"type": "text", "text": variant}], "structuredContent": {"result": variant},
+                      "isError": False}
+            if _clean(cfg, result):
+                passed += 1
+                assert cfg.scanner.scan(variant) == [], variant[:200]
+    assert passed >= len(TEXTS) // 2          # the fast path is taken (not vacuous)

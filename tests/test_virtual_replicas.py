@@ -1,0 +1,132 @@
+"""A 2025-11-25 virtual session over two gateway replicas sharing one real Redis.
+
+The virtual session, the client's handshake and every origin session live in the store:
+a replica that never saw the session (or one that replaced a stopped replica) serves it
+with the same upstream sessions, and a dropped stream resumes there with ``Last-Event-ID``.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Factory
+from tests.support.components import Everything, Gateway, Upstream
+from tests.support.gw_helpers import (
+    ACCEPT, LEGACY_VERSION, http_client, initialize, next_event, post, read_events, rpc, with_policy,
+)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[Any]:
+    async with http_client() as client:
+        yield client
+
+
+@pytest.fixture
+async def replicas(upstream: Factory[Upstream], gateway: Factory[Gateway], everything: Everything,
+                   redis_store: dict[str, str], tmp_path: Path) -> tuple[Upstream, Gateway, Gateway]:
+    up = await upstream.astart(retry_interval_ms=100)
+    config = with_policy({"servers": {"alpha": up, "ev": everything}, "store": redis_store,
+                          "virtual_servers": {"duo": {"include": [{"server": "alpha"},
+                                                                  {"server": "ev", "prefix": "ev_"}]}}},
+                         tmp_path)
+    a, b = await asyncio.gather(gateway.astart(config), gateway.astart(config))
+    return up, a, b
+
+
+def _headers(sid: str, **extra: str) -> dict[str, str]:
+    return {"Accept": ACCEPT, "Content-Type": "application/json", "Mcp-Session-Id": sid,
+            "MCP-Protocol-Version": LEGACY_VERSION, **extra}
+
+
+async def test_a_call_stream_dropped_on_one_replica_resumes_on_the_other_after_it_stopped(
+        http: Any, replicas: tuple[Upstream, Gateway, Gateway]) -> None:
+    up, a, b = replicas
+    sid, _ = await initialize(http, a.url("duo"))
+    call = rpc("tools/call", {"name": "alpha__reconnecting_progress", "arguments": {"steps": 3, "interval_ms": 200},
+                              "_meta": {"progressToken": "p1"}})
+    before: list[Any] = []
+    async with http.post(a.url("duo"), json=call, headers=_headers(sid)) as resp:
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+        async for ev in read_events(resp):         # the upstream closes the stream after step 1
+            before.append(ev)
+    assert not any(e.message.get("id") == call["id"] for e in before if e.message)    # closed early
+    progress = [e.message["params"]["progress"] for e in before if e.message]
+    last = [e.id for e in before if e.id][-1]
+    a.stop()                                       # the replica that served the call is gone
+    after: list[Any] = []
+    async with http.get(b.url("duo"), headers={"Accept": "text/event-stream", "Mcp-Session-Id": sid,
+                                               "MCP-Protocol-Version": LEGACY_VERSION,
+                                               "Last-Event-ID": last}) as resp:
+        assert resp.status == 200, await resp.text()
+        events = read_events(resp)
+        while True:
+            ev = await next_event(events)
+            if ev.message is None:
+                continue
+            after.append(ev.message)
+            if ev.message.get("id") == call["id"]:
+                break
+    # Nothing lost, nothing twice: what arrived before the drop and after the resume is every step.
+    assert progress + [m["params"]["progress"] for m in after if m.get("method") == "notifications/progress"] \
+        == [1, 2, 3]
+    assert after[-1]["result"]["content"][0]["text"] == "resumed and done after 3 steps"
+    # One upstream session served both replicas.
+    sessions = {r["headers"].get("mcp-session-id") for r in up.records() if r["jsonrpc_method"] != "initialize"}
+    assert len(sessions) == 1 and sid not in sessions
+
+
+async def test_the_merged_stream_resumes_on_another_replica_and_loses_no_event(
+        http: Any, replicas: tuple[Upstream, Gateway, Gateway]) -> None:
+    _, a, b = replicas
+    sid, _ = await initialize(http, a.url("duo"))
+    get_headers = {"Accept": "text/event-stream", "Mcp-Session-Id": sid, "MCP-Protocol-Version": LEGACY_VERSION}
+
+    async def announced(stream: Any, until: int) -> list[tuple[str, str | None]]:
+        seen: list[tuple[str, str | None]] = []
+        events = read_events(stream)
+        while not seen or seen[-1][0] != f"announcement {until}":
+            ev = await next_event(events)
+            if ev.message and ev.message.get("method") == "notifications/message":
+                assert ev.message["params"]["_meta"]["io.mcpgw/origin"] == "alpha"
+                seen.append((ev.message["params"]["data"], ev.id))
+        return seen
+
+    async with http.get(a.url("duo"), headers=get_headers) as stream:
+        assert stream.status == 200 and stream.content_type == "text/event-stream"
+        # alpha sends these on the session's own stream: they reach the client on the merged one.
+        call = await post(http, a.url("duo"), rpc("tools/call", {"name": "alpha__announce",
+                                                                  "arguments": {"start": 1, "count": 2}}),
+                          session_id=sid)
+        assert call.status == 200
+        first = await announced(stream, 2)
+    assert [data for data, _ in first] == ["announcement 1", "announcement 2"]
+    last = first[-1][1]
+    assert last and last.startswith("~")                  # a merged id: every origin's position
+    a.stop()
+    # While no stream is open, alpha keeps what it sends in its event store.
+    call = await post(http, b.url("duo"), rpc("tools/call", {"name": "alpha__announce",
+                                                              "arguments": {"start": 3, "count": 2}}),
+                      session_id=sid)
+    assert call.status == 200
+    async with http.get(b.url("duo"), headers={**get_headers, "Last-Event-ID": last}) as stream:
+        assert stream.status == 200
+        rest = await announced(stream, 4)
+    assert [data for data, _ in rest] == ["announcement 3", "announcement 4"]     # nothing lost, nothing twice
+
+
+async def test_a_tampered_merged_event_id_is_refused_and_reaches_no_origin(
+        http: Any, replicas: tuple[Upstream, Gateway, Gateway]) -> None:
+    up, a, _ = replicas
+    sid, _ = await initialize(http, a.url("duo"))
+    get_headers = {"Accept": "text/event-stream", "Mcp-Session-Id": sid, "MCP-Protocol-Version": LEGACY_VERSION}
+    before = len(up.records())
+    for forged in ("~e30.AAAAAAAAAAAAAAAAAAAAAAAA", "~" + "A" * 5000 + ".x", "bm9wZQ.W10.AAAA", "x.y"):
+        async with http.get(a.url("duo"), headers={**get_headers, "Last-Event-ID": forged}) as resp:
+            body = await resp.json(content_type=None)
+            assert resp.status == 400 and body["error"]["data"]["reason"] == "event_id_invalid", body
+    assert len(up.records()) == before
