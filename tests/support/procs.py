@@ -244,10 +244,35 @@ def start(
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago.  Prefer letting a server bind port 0 itself."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port that was free a moment ago.  Prefer letting a server bind port 0 itself.
+
+    The kernel may hand the same port to two binds in a row once the first socket is
+    closed, so a port is never handed out twice by this process; and each pytest-xdist
+    worker takes only ports of its own class (``port // 2 % workers == index``: Linux hands
+    even ports to ``bind``), so two workers never hold the same one."""
+    index, workers = _worker_slot()
+    with _HANDED_LOCK:
+        for _ in range(1000):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+            if port // 2 % workers == index and port not in _HANDED:
+                _HANDED.add(port)
+                return port
+    raise RuntimeError("no free port found in 1000 tries")
+
+
+_HANDED: set[int] = set()
+_HANDED_LOCK = threading.Lock()
+
+
+def _worker_slot() -> tuple[int, int]:
+    """(index, count) of this pytest-xdist worker; (0, 1) outside xdist."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if name.startswith("gw") and name[2:].isdigit() and count.isdigit() and int(count) > 0:
+        return int(name[2:]) % int(count), int(count)
+    return 0, 1
 
 
 def tcp_probe(host: str, port: int) -> Callable[[], bool]:
