@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ALLOW_ALL = {"servers": {"*": {"default": "allow", "destructive": "allow",
                                "methods": [{"id": "all", "match": ["**"]}]}}}
 TARGETS = ("bare", "bare-token", "gateway", "gateway-allow", "gateway-quiet", "gateway-noaudit", "gateway-nolog", "gateway-jwt", "gateway-redis",
-           "gateway-redis-limits", "gateway-scan")
+           "gateway-redis-limits", "gateway-scan", "gateway-virtual")
 REDIS: dict[str, str] = {}      # "url" once main_async started a redis-server for the *-redis* targets
 
 
@@ -171,6 +171,9 @@ def _gateway_config(work: Path, upstream: str, kind: str, issuer: LocalIssuer | 
         policy = work / "policy-limits.yaml"
         policy.write_text(POLICY.read_text().replace("    default: deny\n", "    default: deny\n" + LIMITS.lstrip("\n"), 1))
         cfg["policies"] = str(policy)
+    if kind == "gateway-virtual":
+        # The same server published by a virtual server (no prefix): the same call, routed.
+        cfg["virtual_servers"] = {"v": {"include": [{"server": SERVER_NAME, "prefix": ""}]}}
     (work / "pins").mkdir(exist_ok=True)
     path = work / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -253,7 +256,7 @@ async def measure(kind: str, upstream: str, work: Path, n: int, conc: int, warmu
         argv = [*run, "gateway", "serve", "-c", str(cfg)]
         proc = await asyncio.create_subprocess_exec(*argv, cwd=ROOT, stdout=log, stderr=log)
         await _wait_http(f"http://127.0.0.1:{admin}/readyz", 600)
-        url = f"http://127.0.0.1:{port}/mcp/{SERVER_NAME}"
+        url = f"http://127.0.0.1:{port}/mcp/{'v' if kind == 'gateway-virtual' else SERVER_NAME}"
         if issuer is not None and kind == "gateway-jwt":
             extra["Authorization"] = "Bearer " + issuer.mint(url)
     totals: dict[str, int] = {}

@@ -239,7 +239,9 @@ class Gateway:
 
         Virtual servers call it once for their own exchange and once per sub-exchange to an origin."""
         audit.start(ex)
-        trace = ex.trace = self.tracer.begin(ex)
+        trace = ex.trace                  # a virtual server's sub-exchange comes with its parent's child
+        if trace is None:
+            trace = ex.trace = self.tracer.begin(ex)
         try:
             if run is not None:
                 return await run(ex)
@@ -261,7 +263,7 @@ class Gateway:
                 for finish in ex.finishers:
                     finish(ex)
             self._count_call(ex)
-            audit.finish(ex, self._audit, self._client, self._log_args)
+            audit.finish(ex, self._audit and not ex.routed, self._client, self._log_args)
             if trace is not None:
                 self.tracer.end(ex, trace)
 

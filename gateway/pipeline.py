@@ -89,7 +89,7 @@ class Exchange:
         "session", "upstream_session_id", "response_hooks", "audit", "audit_safe", "status",
         "outcome", "reason", "upstream_status", "extra_upstream_headers", "response_headers",
         "origin", "answered", "replay", "resumable", "upstream_last_event_id", "final", "finishers", "trace",
-        "upstream_sent", "upstream_wait", "result_bytes", "result_body", "limit",
+        "upstream_sent", "upstream_wait", "result_bytes", "result_body", "limit", "routed", "via",
     )
 
     def __init__(self, request: "web.Request", server: "ServerConfig") -> None:
@@ -147,6 +147,11 @@ class Exchange:
         # record hashes it, only when a record is written).
         self.result_bytes = -1
         self.result_body: bytes | None = None
+        # A virtual server's exchange whose request went to one origin (gateway/virtual/router.py):
+        # the origin's sub-exchange writes the request's one audit record (``via`` names the virtual).
+        self.routed = False
+        # A sub-exchange's virtual server (its name, from the configuration): in the audit record.
+        self.via: str | None = None
 
 
 class Stage(Protocol):

@@ -69,6 +69,25 @@ def _connection_tokens(headers: Any) -> frozenset[str]:
 
 
 _NAME = itemgetter(0)
+_LOWER_NAMES: dict[tuple[str, ...], dict[str, str]] = {}
+
+
+def _apply_extra(out: dict[str, str], extra: dict[str, str | None]) -> None:
+    """The gateway's own headers over the client's, whatever the client's case (Mcp-Name);
+    None: not sent at all.  The lower-case map is memoised per sequence of names (clients
+    repeat theirs)."""
+    keys = tuple(out)
+    names = _LOWER_NAMES.get(keys)
+    if names is None:
+        if len(_LOWER_NAMES) >= 256:
+            _LOWER_NAMES.clear()                  # names are client text: bounded
+        names = _LOWER_NAMES[keys] = {k.lower(): k for k in keys}
+    for name, value in extra.items():
+        other = names.get(name.lower())
+        if other is not None:
+            out.pop(other, None)
+        if value is not None:
+            out[name] = value
 Pairs = Sequence[tuple[str, str]]
 
 
@@ -203,25 +222,19 @@ class Forwarder(StreamRelay):
         provider = self._creds.get(ex.server.name)
         if provider is not None:
             out.update(await provider.headers(ex))
-        extra = ex.extra_upstream_headers
-        if extra:
-            # Replaces the client's header whatever its case (Mcp-Name); None: not sent at all.
-            names = {k.lower(): k for k in out}
-            for name, value in extra.items():
-                other = names.get(name.lower())
-                if other is not None:
-                    del out[other]
-                if value is not None:
-                    out[name] = value
+        if ex.extra_upstream_headers:
+            _apply_extra(out, ex.extra_upstream_headers)
         return out
 
     async def forward(self, ex: "Exchange") -> web.StreamResponse:
         server = ex.server
         pool = self._upstreams.pools[server.name]
-        if server.name in self._creds or ex.extra_upstream_headers:
+        if server.name in self._creds:
             headers = await self._headers(ex)
         else:
             headers = self._base_headers(ex)      # no upstream credentials: nothing to await
+            if ex.extra_upstream_headers:
+                _apply_extra(headers, ex.extra_upstream_headers)
         try:
             # A client's answer to a server request may go twice (see upstream_http.py).
             msg = ex.message

@@ -190,3 +190,38 @@ async def test_a_collector_that_is_down_costs_the_requests_nothing(
         replies = [await _call(client, gw, sid, {"traceparent": f"00-{TRACE}-{PARENT}-01"}) for _ in range(3)]
     assert [r.status for r in replies] == [200, 200, 200]
     gw.wait_for_log({"event": "tracing.export_failed"})
+
+
+async def test_a_call_through_a_virtual_server_stays_in_one_trace(
+        gateway: Any, evil: EvilUpstream, tmp_path: Path) -> None:
+    """The client's request and the origin's sub-request share the trace: one trace id in the
+    audit record and at the upstream, and the origin's server span is a child of the virtual one's."""
+    collector = await Collector().start()
+    try:
+        await _gateway(gateway, evil, tmp_path)       # writes the policy and scripts the upstream
+        (tmp_path / "p" / "evil.yaml").write_text(POLICY)
+        gw = await gateway.astart({
+            "servers": {"evil": {"url": evil.url}}, "policies": str(tmp_path / "p"),
+            "virtual_servers": {"suite": {"include": [{"server": "evil"}]}},
+            "tracing": {"start_traces": True, "otlp_endpoint": collector.url}})
+        async with http_client() as client:
+            sid, _ = await initialize(client, gw.url("suite"))
+            reply = await post(client, gw.url("suite"),
+                               rpc("tools/call", {"name": "evil__safe_tool", "arguments": {}}), {}, session_id=sid)
+            assert reply.status == 200 and reply.response_to(reply.messages[-1]["id"])["result"]
+        (seen,) = _upstream_traceparents(evil, "tools/call")
+        trace = seen.split("-")[1]
+        # The request's one audit record is the origin's, naming the virtual server.
+        record = gw.wait_for_log(lambda e: e.get("event") == "mcp.request" and e.get("method") == "tools/call")
+        assert (record["server"], record["via"], record["trace_id"]) == ("evil", "suite", trace)
+        async with asyncio.timeout(10):
+            while True:
+                roots = {s["attributes"][0]["value"]["stringValue"]: s for s in collector.spans
+                         if s["name"] == "mcp.request" and s["traceId"] == trace}
+                if len(roots) == 2:
+                    break
+                collector.arrived.clear()
+                await collector.arrived.wait()
+        assert roots["evil"]["parentSpanId"] == roots["suite"]["spanId"]
+    finally:
+        await collector.stop()

@@ -109,9 +109,15 @@ async def test_tools_call_reaches_the_origin_under_its_original_name(gw: Gateway
     async with mcp_client(gw.url("team"), era="modern") as client:
         assert text_of(await client.call_tool("alpha__add", {"a": 20, "b": 22})) == "42"
         assert text_of(await client.call_tool("b_echo", {"text": marker})) == marker
+        await client.list_resources()
     record = gw.wait_for_log(lambda r: r.get("event") == "mcp.request" and r.get("method") == "tools/call"
                              and r.get("server") == "beta" and r.get("via") == "team", start=seen)
     assert (record["target"], record["decision"], record["outcome"]) == ("echo", "allow", "ok")  # the origin's record
+    # One audit record per client request: the routed call's is the origin's, none for the virtual server
+    # (a resources/list, answered by the virtual server itself after the calls, is the fence).
+    gw.wait_for_log({"event": "mcp.request", "server": "team", "method": "resources/list"}, start=seen)
+    calls = [r for r in gw.json_logs() if r.get("event") == "mcp.request" and r.get("method") == "tools/call"]
+    assert not [r for r in calls if r.get("server") == "team"]
     calls = upstreams["beta"].records("tools/call")
     assert len(calls) == 1
     assert calls[0]["headers"]["mcp-name"] == "echo"

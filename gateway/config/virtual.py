@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Problem
 from .reader import Reader
 
 PREFIX = r"[A-Za-z0-9_.-]{0,32}"
+_UNSEEN = object()
+_RESOLVED_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,8 @@ class VirtualServerConfig:
     origin_timeout: float          # one origin's share of a fan-out list; past it, its items are omitted
     cursor_key: bytes              # HMAC key for merged-page cursors
     loc: Any
+    # resolve()'s answers, by (name, prompt): names are client text, so bounded (_RESOLVED_MAX).
+    _resolved: dict[tuple[str, bool], Any] = field(default_factory=dict, compare=False, repr=False)
 
     def include_for(self, server: str) -> Include | None:
         return next((i for i in self.includes if i.server == server), None)
@@ -52,12 +56,21 @@ class VirtualServerConfig:
         """The origin and original name of a published tool (or prompt) name; None: not published.
 
         At most one include can match: no prefix starts another (``_check_prefixes``)."""
+        key = (name, prompt)
+        found = self._resolved.get(key, _UNSEEN)
+        if found is not _UNSEEN:
+            return found
+        found = None
         for inc in self.includes:
             if name.startswith(inc.prefix):
                 original = name[len(inc.prefix):]
                 if original and inc.publishes(inc.prompts if prompt else inc.tools, original):
-                    return inc, original
-        return None
+                    found = inc, original
+                    break
+        if len(self._resolved) >= _RESOLVED_MAX:
+            self._resolved.clear()
+        self._resolved[key] = found
+        return found
 
 
 def parse_virtual_servers(r: Reader, servers: dict[str, Any], ctx: dict[str, Any]) -> dict[str, VirtualServerConfig]:

@@ -191,7 +191,7 @@ def _render(ex: "Exchange", elapsed: float, ts: float, client: "ClientAddress | 
     # serialised each time and appended.  Same record, about half the work.
     audit_safe = ex.audit_safe
     p = ex.principal
-    pkey = (server, ex.request.method, ex.era, id(p), method, ex.name, id(audit_safe))
+    pkey = (server, ex.request.method, ex.era, id(p), method, ex.name, id(audit_safe), ex.via)
     memo = _PREFIXES.get(pkey)
     if memo is None or memo[0] is not p or memo[1] is not audit_safe:
         if len(_PREFIXES) >= 1024:
@@ -272,6 +272,8 @@ def _prefix(ex: "Exchange", p: Any, method: str | None, audit_safe: Any) -> byte
         fixed["target"] = scrub_text(ex.name)
     if audit_safe is not None:
         fixed.update(audit_safe)
+    if ex.via is not None:
+        fixed["via"] = ex.via                 # a virtual server's name (configuration, not client text)
     return orjson.dumps(fixed, default=str)[:-1] + b","
 
 

@@ -65,6 +65,11 @@ class TraceContext:
         self.spans: list[dict[str, Any]] | None = [] if record else None
         self.start_ns = time.time_ns()
 
+    def child(self) -> "TraceContext":
+        """A sub-exchange's context (a virtual server's call to an origin): the same trace and
+        flags, this exchange's span its parent, recorded when this one is."""
+        return TraceContext(self.trace_id, self.span_id, self.flags, self.state, self.spans is not None)
+
     def outgoing(self) -> dict[str, str]:
         headers = {"traceparent": f"00-{self.trace_id}-{self.upstream_span_id}-{self.flags}"}
         if self.state:

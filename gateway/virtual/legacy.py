@@ -30,8 +30,7 @@
 from __future__ import annotations
 
 import asyncio
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 import structlog
@@ -107,18 +106,18 @@ class LegacyVirtual:
             return await self._set_level(ex, vs)
         return await self._router.request(ex, vs)
 
-    @contextmanager
-    def in_flight(self, ex: "Exchange", sub: "Exchange") -> Iterator[None]:
-        """While ``sub`` runs, a ``notifications/cancelled`` naming the client's request id goes to its
-        origin (on this replica: a cancellation that reaches another one is dropped)."""
+    def running(self, ex: "Exchange", sub: "Exchange") -> tuple[str, bytes]:
+        """``sub`` runs the client's request: until ``done``, a ``notifications/cancelled`` naming the
+        client's request id goes to its origin (on this replica: a cancellation that reaches another
+        one is dropped)."""
         assert ex.session is not None
         key = (ex.session.id, orjson.dumps(ex.rpc_id))
         self._running[key] = sub
-        try:
-            yield
-        finally:
-            if self._running.get(key) is sub:
-                del self._running[key]
+        return key
+
+    def done(self, key: tuple[str, bytes], sub: "Exchange") -> None:
+        if self._running.get(key) is sub:
+            del self._running[key]
 
     async def _cancel(self, ex: "Exchange", vs: "VirtualServerConfig") -> None:
         assert ex.session is not None
@@ -180,7 +179,9 @@ class LegacyVirtual:
 
     async def bind(self, ex: "Exchange", vs: "VirtualServerConfig", sub: "Exchange", *, hook: bool = True) -> None:
         """Give ``sub`` its origin's upstream session (opened now if needed) and the id-rewriting hook."""
-        rec = await self.origin_session(ex, vs, sub.server.name)
+        rec = self._cached(ex, sub.server.name)       # every call but a session's first to an origin
+        if rec is None:
+            rec = await self.origin_session(ex, vs, sub.server.name)
         self.attach(ex, sub, rec)
         if hook:
             # Registered before the origin's stages register theirs: it runs last on the way
@@ -201,18 +202,33 @@ class LegacyVirtual:
         ids = self._ids
 
         def relay(_sub: "Exchange", msg: dict[str, Any]) -> dict[str, Any]:
+            # Never changes ``msg`` in place (``readonly``): a changed message is a new value, so an
+            # answer relayed unchanged (the common case) is not serialised again.
             method = msg.get("method")
             if method is None:
                 return msg
             if "id" in msg:           # a server-to-client request: the client answers the gateway's id
-                msg["id"] = ids.request_id(sid, principal, origin, msg["id"])
-            elif method == "notifications/message" and isinstance(msg.get("params"), dict):
-                params = msg["params"]
+                return {**msg, "id": ids.request_id(sid, principal, origin, msg["id"])}
+            params = msg.get("params")
+            if method == "notifications/message" and isinstance(params, dict):
                 meta = params.get("_meta")
-                params["_meta"] = {**(meta if isinstance(meta, dict) else {}), META_ORIGIN: origin}
+                return {**msg, "params": {**params, "_meta": {**(meta if isinstance(meta, dict) else {}),
+                                                               META_ORIGIN: origin}}}
             return msg
 
+        relay.readonly = True  # type: ignore[attr-defined]
         return relay
+
+    def _cached(self, ex: "Exchange", origin: str) -> "SessionRecord | None":
+        """``existing``'s answer when both lookups hit this replica's caches (no awaiting), else None."""
+        assert ex.session is not None
+        mount_sid = self._sessions.cached_origin(ex.session.id, origin)
+        if mount_sid is None or mount_sid == SESSIONLESS:
+            return None
+        rec = self._sessions.sessions.cached(mount_sid)
+        if rec is not None and rec.server == origin and rec.principal == ex.principal.key:
+            return rec
+        return None
 
     async def existing(self, ex: "Exchange", origin: str) -> "SessionRecord | None":
         """``origin``'s session for the client's virtual session, if one is open."""

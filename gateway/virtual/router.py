@@ -157,13 +157,16 @@ class VirtualRouter:
             raise PolicyDenied(unknown.format(name))
         return found
 
-    async def _route(self, ex: Exchange, vs: "VirtualServerConfig", inc: "Include", method: str,
-                     params: dict[str, Any], target: str, decided: tuple[str, str] | None = None
-                     ) -> web.StreamResponse:
-        """``decided``: the kind and published name the virtual server's section decides on, when
+    def _route(self, ex: Exchange, vs: "VirtualServerConfig", inc: "Include", method: str,
+               params: dict[str, Any], target: str, decided: tuple[str, str] | None = None
+               ) -> Awaitable[web.StreamResponse]:
+        """The sub-exchange to the origin, to be awaited (one coroutine frame less on every resume).
+
+        ``decided``: the kind and published name the virtual server's section decides on, when
         the method does not say (a completion names a prompt or a resource)."""
         sub = self.sub(ex, vs, inc.server, method, params)
         sub.name = target
+        ex.routed = True                      # one audit record per client request: the origin's
         if method == "tools/call":
             sub.arguments = params.get("arguments")
         if method in _NAMED or method in _BY_URI:
@@ -171,12 +174,16 @@ class VirtualRouter:
         published = ex.name if method in _NAMED else target
         if decided is not None:
             published = decided[1]
+        origin_checks, limits, forward, legacy = self._origin, self._limits, self.forward, self.legacy
 
         async def body(sub: Exchange) -> web.StreamResponse:
             if sub.era != MODERN:
-                await self.legacy.bind(ex, vs, sub)
+                await legacy.bind(ex, vs, sub)
             try:
-                await self.run_origin(sub)
+                for check in origin_checks:           # run_origin, inlined
+                    pending = check(sub)
+                    if pending is not None:
+                        await pending
             except PolicyDenied as err:
                 # The origin's refusal names the original; the client only knows the published name.
                 if published != target and err.message.endswith(target):
@@ -184,20 +191,24 @@ class VirtualRouter:
                 raise
             self._decide_virtual(ex, vs, method, published, inc.server, target, sub.arguments,
                                  decided[0] if decided is not None else None)
-            pending = self._limits(sub)
+            pending = limits(sub)
             if pending is not None:
                 await pending
             if sub.era == MODERN:
-                return await self.forward(sub)
-            with self.legacy.in_flight(ex, sub):       # the client may cancel it meanwhile
-                return await self.forward(sub)
+                return await forward(sub)
+            key = legacy.running(ex, sub)             # the client may cancel it meanwhile
+            try:
+                return await forward(sub)
+            finally:
+                legacy.done(key, sub)
 
-        try:
-            return await self._serve(sub, body)
-        finally:
+        def ended(sub: Exchange) -> None:
             # The decision and the per-tool count belong to the origin's record (which names
             # the virtual server in ``via``); the virtual exchange keeps only how it ended.
             ex.status, ex.outcome, ex.reason = sub.status, sub.outcome, sub.reason
+
+        sub.finishers = [ended]
+        return self._serve(sub, body)
 
     async def run_origin(self, sub: Exchange) -> None:
         """The origin's request stages after session and stream (``sub.session`` and ``sub.origin``
@@ -248,9 +259,12 @@ class VirtualRouter:
         if message is not None and method is None:
             sub.rpc_id = message.get("id")
         sub.origin = Origin("p", method, rpc_id) if sub.is_request else _NO_ANSWERS
-        sub.audit["via"] = vs.name
+        sub.via = vs.name
         # The client's Mcp-Method/Mcp-Name name the virtual request; the origin's are these.
         sub.extra_upstream_headers = {"Mcp-Method": method, "Mcp-Name": None}
+        if ex.trace is not None:             # the same trace: the origin's call is a child of the client's
+            child = sub.trace = ex.trace.child()
+            sub.extra_upstream_headers.update(child.outgoing())
         if ex.response_headers:              # CORS for the client's origin: the sub's answer is the client's
             sub.response_headers = dict(ex.response_headers)
         return sub

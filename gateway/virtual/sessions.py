@@ -64,6 +64,13 @@ class VirtualSessions:
             params = {}
         return params if isinstance(params, dict) else {}
 
+    def cached_origin(self, sid: str, origin: str) -> str | None:
+        """What ``origin`` returns at once when this replica's cache has it, else None."""
+        hit = self._cache.get((sid, origin))
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        return None
+
     async def origin(self, sid: str, origin: str) -> str | None:
         """The mount session id holding ``origin``'s upstream session, if one was opened."""
         hit = self._cache.get((sid, origin))
