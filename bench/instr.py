@@ -87,9 +87,18 @@ async def _wait_http(url: str, timeout: float) -> None:
 ECHO_TEXT = "hello"          # the echo argument; --workload echo-2k: 2 KiB of realistic text
 
 
+ERA = "legacy"                # --era modern: 2026-07-28 requests (no session; _meta and Mcp-* headers)
+_MODERN_META = ('"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",'
+                '"io.modelcontextprotocol/clientInfo":{"name":"bench","version":"0"},'
+                '"io.modelcontextprotocol/clientCapabilities":{}},')
+_MODERN_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+                   "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "echo"}
+
+
 def _request_bytes(path: str, host: str, headers: dict[str, str], rpc_id: int) -> bytes:
-    body = ('{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"echo",'
-            '"arguments":{"text":%s}}}' % (rpc_id, json.dumps(ECHO_TEXT))).encode()
+    meta = _MODERN_META if ERA == "modern" else ""
+    body = ('{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{%s"name":"echo",'
+            '"arguments":{"text":%s}}}' % (rpc_id, meta, json.dumps(ECHO_TEXT))).encode()
     head = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
     head += [f"{k}: {v}" for k, v in headers.items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
@@ -262,11 +271,14 @@ async def measure(kind: str, upstream: str, work: Path, n: int, conc: int, warmu
     totals: dict[str, int] = {}
     dumps: list[str] = []
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
-            sess = await McpSession(url, extra).open(http)
-            await sess.preflight(http)
-        msg = {"method": "tools/call", "params": {"name": "echo", "arguments": {"text": ECHO_TEXT}}}
-        headers = request_headers(msg, sess.session_id, extra)
+        if ERA == "modern":
+            headers = {**_MODERN_HEADERS, **extra}
+        else:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
+                sess = await McpSession(url, extra).open(http)
+                await sess.preflight(http)
+            msg = {"method": "tools/call", "params": {"name": "echo", "arguments": {"text": ECHO_TEXT}}}
+            headers = request_headers(msg, sess.session_id, extra)
         await _load(url, headers, warmup, conc, 1_000_000)
         if profiler == "cprofile":
             proc.send_signal(signal.SIGUSR1)
@@ -308,7 +320,8 @@ async def measure(kind: str, upstream: str, work: Path, n: int, conc: int, warmu
 async def main_async(args: argparse.Namespace) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="instr-"))
     work.mkdir(parents=True, exist_ok=True)
-    up = await asyncio.create_subprocess_exec(args.python, "-m", "bench.upstream", "--port", "0", cwd=ROOT,
+    up = await asyncio.create_subprocess_exec(args.python, "-m", "bench.upstream", "--port", "0",
+                                              *(["--stateless"] if ERA == "modern" else []), cwd=ROOT,
                                               stdout=asyncio.subprocess.PIPE)
     issuer = None
     redis = None
@@ -384,7 +397,11 @@ def main(argv: list[str] | None = None) -> None:
                          "strace: no valgrind; `strace -c -f` table of the counted requests' syscalls")
     ap.add_argument("--workload", choices=("echo", "echo-2k"), default="echo",
                     help="the echo argument: 'hello', or 2 KiB of realistic text (bench/wrk.py)")
+    ap.add_argument("--era", choices=("legacy", "modern"), default="legacy",
+                    help="legacy: 2025-11-25 (a session); modern: 2026-07-28 (sessionless)")
     args = ap.parse_args(argv)
+    global ERA
+    ERA = args.era
     if args.workload == "echo-2k":
         from .wrk import WORKLOADS
         global ECHO_TEXT

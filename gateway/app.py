@@ -263,7 +263,7 @@ class Gateway:
                 for finish in ex.finishers:
                     finish(ex)
             self._count_call(ex)
-            audit.finish(ex, self._audit and not ex.routed, self._client, self._log_args)
+            audit.finish(ex, self._audit, self._client, self._log_args)
             if trace is not None:
                 self.tracer.end(ex, trace)
 

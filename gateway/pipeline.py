@@ -148,7 +148,8 @@ class Exchange:
         self.result_bytes = -1
         self.result_body: bytes | None = None
         # A virtual server's exchange whose request went to one origin (gateway/virtual/router.py):
-        # the origin's sub-exchange writes the request's one audit record (``via`` names the virtual).
+        # the origin's sub-exchange is the request's one audit record and its count in the
+        # request metrics (``via`` names the virtual server).
         self.routed = False
         # A sub-exchange's virtual server (its name, from the configuration): in the audit record.
         self.via: str | None = None

@@ -144,11 +144,15 @@ def finish(ex: "Exchange", enabled: bool = True, client: "ClientAddress | None" 
            log_arguments: bool = False) -> None:
     """At the end of every exchange: the per-request metrics now, the audit record (when
     ``enabled``) at the next flush; ``client`` reads the client's address off the request."""
-    elapsed = time.perf_counter() - ex.started
     server = ex.server.name
     # The metrics (tallies: telemetry.metrics), inlined: this runs for every request.
     skey = (server,)
     _INFLIGHT[skey] -= 1
+    if ex.routed:
+        # A virtual server's request routed to one origin: counted and recorded once, as the
+        # origin's (its sub-exchange finished already, naming the virtual server in ``via``).
+        return
+    elapsed = time.perf_counter() - ex.started
     # HistogramTally.observe, inlined (values are bucketed in bulk at flush).
     values = _DURATIONS.get(skey)
     if values is None or len(values) >= _RAW_MAX:
