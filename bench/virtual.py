@@ -6,6 +6,8 @@ audit off, so the figures are the routing and not the checks both paths share) m
 them as ``a``, ``b``, ``c`` and the virtual server ``abc`` over all three.  Then, in
 2026-07-28 requests over keep-alive connections:
 
+(``--era legacy``: 2025-11-25 requests in one session per path instead.)
+
 1. ``tools/call echo`` on ``/mcp/a`` and ``tools/call a__echo`` on ``/mcp/abc``, rounds
    alternated: the gateway's CPU per call (its process's user + system time / calls) and
    the p50 latency; the goal is virtual <= 1.10 x mount (CPU).
@@ -69,6 +71,32 @@ async def _start(run: Path) -> tuple[list[Proc], str, Proc]:
     return ups, f"http://127.0.0.1:{port}", gw
 
 
+LEGACY = "2025-11-25"
+
+
+async def _legacy_session(http: aiohttp.ClientSession, url: str) -> str:
+    """A 2025-11-25 session on ``url`` (initialize, then notifications/initialized): its id."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+            "params": {"protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}}}
+    async with http.post(url, data=orjson.dumps(init), headers=headers) as resp:
+        await resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"{url}: initialize answered HTTP {resp.status}")
+        sid = resp.headers["Mcp-Session-Id"]
+    note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    async with http.post(url, data=orjson.dumps(note),
+                         headers={**headers, "Mcp-Session-Id": sid, "MCP-Protocol-Version": LEGACY}) as resp:
+        await resp.read()
+    return sid
+
+
+def _legacy_request(method: str, params: dict[str, Any], sid: str) -> tuple[bytes, dict[str, str]]:
+    body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+    return body, {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+                  "MCP-Protocol-Version": LEGACY, "Mcp-Session-Id": sid}
+
+
 def _request(method: str, params: dict[str, Any], name: str | None) -> tuple[bytes, dict[str, str]]:
     body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": {**params, "_meta": _META}})
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
@@ -107,8 +135,14 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         conn = aiohttp.TCPConnector(limit=args.concurrency)
         async with aiohttp.ClientSession(connector=conn) as http:
-            direct = _request("tools/call", {"name": "echo", "arguments": {"text": "hi"}}, "echo")
-            virtual = _request("tools/call", {"name": "a__echo", "arguments": {"text": "hi"}}, "a__echo")
+            if args.era == "legacy":
+                direct = _legacy_request("tools/call", {"name": "echo", "arguments": {"text": "hi"}},
+                                         await _legacy_session(http, f"{base}/mcp/a"))
+                virtual = _legacy_request("tools/call", {"name": "a__echo", "arguments": {"text": "hi"}},
+                                          await _legacy_session(http, f"{base}/mcp/abc"))
+            else:
+                direct = _request("tools/call", {"name": "echo", "arguments": {"text": "hi"}}, "echo")
+                virtual = _request("tools/call", {"name": "a__echo", "arguments": {"text": "hi"}}, "a__echo")
             for url, (body, headers) in ((f"{base}/mcp/a", direct), (f"{base}/mcp/abc", virtual)):
                 await _round(http, url, body, headers, 200, args.concurrency, gw)       # warm-up
             cpu: dict[str, list[float]] = {"mount": [], "virtual": []}
@@ -131,7 +165,7 @@ async def main_async(args: argparse.Namespace) -> int:
     ratio = virt_cpu / mount_cpu
     load = os.getloadavg()
     lines = [
-        f"bench.virtual: {args.rounds} rounds x {args.calls} tools/call at c={args.concurrency}; "
+        f"bench.virtual: {args.era} era, {args.rounds} rounds x {args.calls} tools/call at c={args.concurrency}; "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs (shared box: "
         "compare only within this run)",
         f"tools/call via mount /mcp/a:      gateway CPU {mount_cpu * 1e6:7.0f} us/call, "
@@ -154,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--lists", type=int, default=300, help="sequential tools/list per path")
     ap.add_argument("--strict", action="store_true", help="exit 1 when the 10 %% goal is missed")
+    ap.add_argument("--era", choices=("modern", "legacy"), default="modern",
+                    help="modern: 2026-07-28 (sessionless); legacy: 2025-11-25 (a session per path)")
     return asyncio.run(main_async(ap.parse_args(argv)))
 
 
