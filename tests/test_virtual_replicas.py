@@ -130,3 +130,27 @@ async def test_a_tampered_merged_event_id_is_refused_and_reaches_no_origin(
             body = await resp.json(content_type=None)
             assert resp.status == 400 and body["error"]["data"]["reason"] == "event_id_invalid", body
     assert len(up.records()) == before
+
+
+async def test_two_replicas_opening_one_origin_at_once_end_up_in_one_upstream_session(
+        http: Any, replicas: tuple[Upstream, Gateway, Gateway]) -> None:
+    """The first calls of one virtual session reach both replicas together: each may open the
+    origin's session, one claim wins in Redis, the loser ends its own upstream session and uses
+    the winner's.  However the race falls, every call is served in one upstream session (on this
+    box both replicas open one in every round: the race is real, and a DELETE ends the loser's)."""
+    up, a, b = replicas
+    for round_ in range(3):
+        up.clear_records()
+        sid, _ = await initialize(http, a.url("duo"))
+        calls = [post(http, gw.url("duo"), rpc("tools/call", {"name": "alpha__echo", "arguments": {"text": f"r{i}"}}),
+                      session_id=sid) for i, gw in enumerate((a, b, a, b))]
+        replies = await asyncio.gather(*calls)
+        for i, reply in enumerate(replies):
+            assert reply.status == 200
+            result = reply.response_to(reply.messages[-1]["id"])["result"]
+            assert result["content"][0]["text"] == f"r{i}", result
+        used = {r["headers"].get("mcp-session-id") for r in up.records("tools/call")}
+        assert len(used) == 1, f"round {round_}: calls served in {len(used)} upstream sessions"
+        opened = {r["headers"].get("mcp-session-id") for r in up.records("notifications/initialized")}
+        ended = {r["headers"].get("mcp-session-id") for r in up.records() if r["method"] == "DELETE"}
+        assert opened - ended == used, f"round {round_}: a losing upstream session was left open"
