@@ -244,3 +244,37 @@ async def test_the_merged_streams_200_means_each_origin_stream_is_open(stack: St
                 ev = await next_event(events)
             assert ev.message["method"] == "notifications/message"
             assert ev.message["params"]["data"] == "announcement 1"
+
+
+async def test_each_origin_is_spoken_to_in_the_version_it_negotiated(gateway: Any, evil: Any, tmp_path: Any) -> None:
+    """The client's virtual session speaks 2025-11-25; an origin that answers initialize with
+    2025-06-18 gets MCP-Protocol-Version: 2025-06-18 on every later request (as the spec asks of
+    a client), not the client's version it may not support."""
+    from tests.support.evil_upstream import http as raw_http
+    from tests.support.gw_helpers import with_policy
+
+    async def older(e: Any, rid: Any, msg: dict[str, Any]) -> bytes:
+        return raw_http(200, json.dumps({"jsonrpc": "2.0", "id": rid, "result": {
+            "protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+            "serverInfo": {"name": "older", "version": "1"}}}).encode(),
+            "application/json", "Mcp-Session-Id: older-session-1")
+
+    async def call(e: Any, rid: Any, msg: dict[str, Any]) -> bytes:
+        return raw_http(200, json.dumps({"jsonrpc": "2.0", "id": rid, "result": {
+            "content": [{"type": "text", "text": "ok"}]}}).encode())
+
+    evil.scripts.update({"initialize": older, "tools/call": call})
+    gw = await gateway.astart(with_policy({"servers": {"old": {"url": evil.url}},
+                                           "virtual_servers": {"v": {"include": [{"server": "old"}]}}}, tmp_path))
+    async with http_client() as http:
+        sid, _ = await initialize(http, gw.url("v"))              # 2025-11-25 with the virtual server
+        for _ in range(2):
+            reply = await post(http, gw.url("v"), rpc("tools/call", {"name": "old__safe_tool", "arguments": {}}),
+                               session_id=sid)
+            assert reply.status == 200
+            assert reply.response_to(reply.messages[-1]["id"])["result"]["content"][0]["text"] == "ok"
+    seen = [(json.loads(b).get("method"), h.get("mcp-protocol-version"))
+            for m, h, b in evil.requests if m == "POST"]
+    assert seen[0][0] == "initialize"
+    assert seen[1:] == [("notifications/initialized", "2025-06-18"),
+                        ("tools/call", "2025-06-18"), ("tools/call", "2025-06-18")], seen

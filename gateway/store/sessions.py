@@ -87,6 +87,17 @@ class SessionStore:
         self._remember(rec)
         return rec
 
+    async def set_version(self, rec: SessionRecord, version: str) -> SessionRecord:
+        """``rec`` with the protocol version its upstream negotiated (a virtual server's origin
+        session: the client's own version may not be the origin's), stored."""
+        out = SessionRecord(rec.id, rec.server, rec.upstream_id, rec.principal, version, rec.created)
+        try:
+            await self._store.set("session:" + rec.id, out.dumps(), self._ttl)
+        except StoreError as exc:
+            raise Unavailable("session store unavailable", reason="store_unavailable") from exc
+        self._remember(out)
+        return out
+
     def _remember(self, rec: SessionRecord) -> None:
         self._cache[rec.id] = (rec, time.monotonic() + _CACHE_SECONDS)
         if len(self._cache) > _CACHE_MAX:

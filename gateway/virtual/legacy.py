@@ -193,6 +193,9 @@ class LegacyVirtual:
         """``sub`` goes out in ``rec`` (none for a sessionless origin) and answers in the client's session."""
         if rec.id:
             sub.session, sub.upstream_session_id = rec, rec.upstream_id
+            if rec.protocol_version:      # the version this origin negotiated (MCP-Protocol-Version)
+                sub.protocol_version = rec.protocol_version
+                sub.extra_upstream_headers["MCP-Protocol-Version"] = rec.protocol_version
         assert ex.session is not None
         sub.response_headers = {**(sub.response_headers or {}), "Mcp-Session-Id": ex.session.id}
 
@@ -277,6 +280,10 @@ class LegacyVirtual:
                         reason=init.reason or "no_session", status=resp.status)
             raise UpstreamError(f"could not open a session with {origin}",
                                 reason=init.reason or "origin_session_missing")
+        negotiated = _negotiated(resp)
+        if negotiated is not None and negotiated != rec.protocol_version:
+            # Every later request to this origin names the version it chose, not the client's.
+            rec = await self._sessions.sessions.set_version(rec, negotiated)
         note = router.sub(ex, vs, origin, "notifications/initialized", {}, rpc_id=None)
         self.attach(ex, note, rec)
         note.extra_upstream_headers.update(_POST_HEADERS)
@@ -340,3 +347,15 @@ class LegacyVirtual:
         return await self._router.call_origin(sub, self._router.forward)
 
 _POST_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+def _negotiated(resp: web.StreamResponse) -> str | None:
+    """The protocol version an origin's initialize answer chose, when it is one this gateway speaks."""
+    body = resp.body if isinstance(resp, web.Response) else None
+    try:
+        msg = orjson.loads(body) if isinstance(body, (bytes, bytearray)) and body else None
+    except orjson.JSONDecodeError:
+        return None
+    result = msg.get("result") if isinstance(msg, dict) else None
+    version = result.get("protocolVersion") if isinstance(result, dict) else None
+    return version if version in LEGACY_VERSIONS else None

@@ -138,7 +138,7 @@ class EvilUpstream:
         method = msg.get("method")
         if method is None or "id" not in msg:
             return http(202, b"", None)
-        if method == "initialize":
+        if method == "initialize" and "initialize" not in self.scripts:
             version = msg.get("params", {}).get("protocolVersion", "2025-11-25")
             body = json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": {
                 "protocolVersion": version, "capabilities": {"tools": {"listChanged": False}},
