@@ -79,9 +79,12 @@ def _apply_extra(out: dict[str, str], extra: dict[str, str | None]) -> None:
     keys = tuple(out)
     names = _LOWER_NAMES.get(keys)
     if names is None:
-        if len(_LOWER_NAMES) >= 256:
-            _LOWER_NAMES.clear()                  # names are client text: bounded
-        names = _LOWER_NAMES[keys] = {k.lower(): k for k in keys}
+        names = {k.lower(): k for k in keys}
+        # Names are client text (Mcp-Param-*): only short sets are kept, and at most 256 of them.
+        if len(keys) <= 24 and max(map(len, keys), default=0) <= 64:
+            if len(_LOWER_NAMES) >= 256:
+                _LOWER_NAMES.clear()
+            _LOWER_NAMES[keys] = names
     for name, value in extra.items():
         other = names.get(name.lower())
         if other is not None:

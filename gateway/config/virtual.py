@@ -23,6 +23,7 @@ from .reader import Reader
 PREFIX = r"[A-Za-z0-9_.-]{0,32}"
 _UNSEEN = object()
 _RESOLVED_MAX = 4096
+_RESOLVED_NAME_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +68,10 @@ class VirtualServerConfig:
                 if original and inc.publishes(inc.prompts if prompt else inc.tools, original):
                     found = inc, original
                     break
-        if len(self._resolved) >= _RESOLVED_MAX:
-            self._resolved.clear()
-        self._resolved[key] = found
+        if len(name) <= _RESOLVED_NAME_MAX:         # client text: short names only, and a bounded number
+            if len(self._resolved) >= _RESOLVED_MAX:
+                self._resolved.clear()
+            self._resolved[key] = found
         return found
 
 

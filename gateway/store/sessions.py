@@ -79,24 +79,21 @@ class SessionStore:
         self._cache.pop(message.decode(errors="replace"), None)
 
     async def create(self, server: str, upstream_id: str, principal: str, version: str) -> SessionRecord:
-        rec = SessionRecord(new_session_id(), server, upstream_id, principal, version, time.time())
+        return await self._put(SessionRecord(new_session_id(), server, upstream_id, principal, version, time.time()))
+
+    async def set_version(self, rec: SessionRecord, version: str) -> SessionRecord:
+        """``rec`` with the protocol version its upstream negotiated (a virtual server's origin
+        session: the client's own version may not be the origin's), stored."""
+        return await self._put(SessionRecord(rec.id, rec.server, rec.upstream_id, rec.principal, version,
+                                             rec.created))
+
+    async def _put(self, rec: SessionRecord) -> SessionRecord:
         try:
             await self._store.set("session:" + rec.id, rec.dumps(), self._ttl)
         except StoreError as exc:
             raise Unavailable("session store unavailable", reason="store_unavailable") from exc
         self._remember(rec)
         return rec
-
-    async def set_version(self, rec: SessionRecord, version: str) -> SessionRecord:
-        """``rec`` with the protocol version its upstream negotiated (a virtual server's origin
-        session: the client's own version may not be the origin's), stored."""
-        out = SessionRecord(rec.id, rec.server, rec.upstream_id, rec.principal, version, rec.created)
-        try:
-            await self._store.set("session:" + rec.id, out.dumps(), self._ttl)
-        except StoreError as exc:
-            raise Unavailable("session store unavailable", reason="store_unavailable") from exc
-        self._remember(out)
-        return out
 
     def _remember(self, rec: SessionRecord) -> None:
         self._cache[rec.id] = (rec, time.monotonic() + _CACHE_SECONDS)
