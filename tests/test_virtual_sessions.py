@@ -246,16 +246,25 @@ async def test_the_merged_streams_200_means_each_origin_stream_is_open(stack: St
             assert ev.message["params"]["data"] == "announcement 1"
 
 
-async def test_each_origin_is_spoken_to_in_the_version_it_negotiated(gateway: Any, evil: Any, tmp_path: Any) -> None:
+@pytest.mark.parametrize(("chosen", "sent"), [
+    ("2025-06-18", "2025-06-18"),
+    ("2025-03-26", "2025-03-26"),
+    ("2026-07-28", LEGACY_VERSION),          # not a session era: the client's version stays
+    ("1999-01-01\r\nX-Evil: 1", LEGACY_VERSION),   # hostile text never becomes a header
+    (20250618, LEGACY_VERSION),
+])
+async def test_each_origin_is_spoken_to_in_the_version_it_negotiated(
+        gateway: Any, evil: Any, tmp_path: Any, chosen: Any, sent: str) -> None:
     """The client's virtual session speaks 2025-11-25; an origin that answers initialize with
     2025-06-18 gets MCP-Protocol-Version: 2025-06-18 on every later request (as the spec asks of
-    a client), not the client's version it may not support."""
+    a client), not the client's version it may not support.  An answer naming anything but a
+    2025 session revision changes nothing."""
     from tests.support.evil_upstream import http as raw_http
     from tests.support.gw_helpers import with_policy
 
     async def older(e: Any, rid: Any, msg: dict[str, Any]) -> bytes:
         return raw_http(200, json.dumps({"jsonrpc": "2.0", "id": rid, "result": {
-            "protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+            "protocolVersion": chosen, "capabilities": {"tools": {}},
             "serverInfo": {"name": "older", "version": "1"}}}).encode(),
             "application/json", "Mcp-Session-Id: older-session-1")
 
@@ -276,5 +285,4 @@ async def test_each_origin_is_spoken_to_in_the_version_it_negotiated(gateway: An
     seen = [(json.loads(b).get("method"), h.get("mcp-protocol-version"))
             for m, h, b in evil.requests if m == "POST"]
     assert seen[0][0] == "initialize"
-    assert seen[1:] == [("notifications/initialized", "2025-06-18"),
-                        ("tools/call", "2025-06-18"), ("tools/call", "2025-06-18")], seen
+    assert seen[1:] == [("notifications/initialized", sent), ("tools/call", sent), ("tools/call", sent)], seen
