@@ -57,6 +57,18 @@ def sentinel_store(group: SentinelGroup, prefix: str) -> dict[str, Any]:
                                            "password": "env:MCPGW_TEST_REDIS_PASSWORD"}}
 
 
+async def _limited_gateway(group: SentinelGroup, upstream: Factory[Upstream], gateway: Factory[Gateway],
+                           redis_prefix: str, tmp_path: Path) -> tuple[Upstream, Gateway]:
+    """An SDK upstream behind a gateway whose store is the Sentinel group, with RATE_POLICY's limit."""
+    up = await upstream.astart()
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "up.yaml").write_text(RATE_POLICY)
+    gw = await gateway.astart({"servers": {"up": {"url": up.url, "pinning": {"mode": "off"}}},
+                               "policies": str(tmp_path / "p"), "store": sentinel_store(group, redis_prefix)},
+                              env={"MCPGW_TEST_REDIS_PASSWORD": PASSWORD})
+    return up, gw
+
+
 async def add(http: Any, gw: Gateway, sid: str, a: int) -> tuple[int, dict[str, Any]]:
     """(HTTP status, the JSON-RPC response) of ``add(a, 1)`` in session ``sid``."""
     call = rpc("tools/call", {"name": "add", "arguments": {"a": a, "b": 1}})
@@ -67,12 +79,7 @@ async def add(http: Any, gw: Gateway, sid: str, a: int) -> tuple[int, dict[str, 
 async def test_sessions_and_a_rate_limit_carry_on_on_the_new_master_after_a_sentinel_failover(
         group: SentinelGroup, upstream: Factory[Upstream], gateway: Factory[Gateway], redis_prefix: str,
         http: Any, tmp_path: Path) -> None:
-    up = await upstream.astart()
-    (tmp_path / "p").mkdir()
-    (tmp_path / "p" / "up.yaml").write_text(RATE_POLICY)
-    gw = await gateway.astart({"servers": {"up": {"url": up.url, "pinning": {"mode": "off"}}},
-                               "policies": str(tmp_path / "p"), "store": sentinel_store(group, redis_prefix)},
-                              env={"MCPGW_TEST_REDIS_PASSWORD": PASSWORD})
+    up, gw = await _limited_gateway(group, upstream, gateway, redis_prefix, tmp_path)
     before_sid, _ = await initialize(http, gw.url("up"))
     for a in range(2):
         status, response = await add(http, gw, before_sid, a)
@@ -111,12 +118,7 @@ async def test_sessions_and_a_rate_limit_carry_on_on_the_new_master_after_a_sent
 async def test_a_killed_master_is_replaced_and_the_running_gateway_follows_the_promoted_replica(
         group: SentinelGroup, upstream: Factory[Upstream], gateway: Factory[Gateway], redis_prefix: str,
         http: Any, tmp_path: Path) -> None:
-    up = await upstream.astart()
-    (tmp_path / "p").mkdir()
-    (tmp_path / "p" / "up.yaml").write_text(RATE_POLICY)
-    gw = await gateway.astart({"servers": {"up": {"url": up.url, "pinning": {"mode": "off"}}},
-                               "policies": str(tmp_path / "p"), "store": sentinel_store(group, redis_prefix)},
-                              env={"MCPGW_TEST_REDIS_PASSWORD": PASSWORD})
+    up, gw = await _limited_gateway(group, upstream, gateway, redis_prefix, tmp_path)
     sid, _ = await initialize(http, gw.url("up"))
     for a in range(2):
         assert (await add(http, gw, sid, a))[0] == 200

@@ -304,10 +304,8 @@ async def test_a_routed_call_is_counted_once_under_its_origin(stack: Stack, upst
         await client.list_tools()                  # answered by the virtual server itself
         for i in range(3):
             assert text_of(await client.call_tool("b_echo", {"text": f"count {i}"})) == f"count {i}"
-    deadline = time.monotonic() + 10
-    while (await metric(gw.admin_url, "mcpgw_requests_total", server="beta", **labels) < 3
-           or not await metric(gw.admin_url, "mcpgw_requests_total", server="team", method="tools/list")):
-        assert time.monotonic() < deadline, "the counts did not arrive"
-        await asyncio.sleep(0.05)     # a poll with a deadline: the tallies are flushed once a second
+    # Each answer here is one JSON body: its request was tallied before it was sent, and a scrape
+    # of this one-process gateway flushes the tallies first.  So the counts are final now.
+    assert await metric(gw.admin_url, "mcpgw_requests_total", server="team", method="tools/list") >= 1
     assert await metric(gw.admin_url, "mcpgw_requests_total", server="beta", **labels) == 3
     assert await metric(gw.admin_url, "mcpgw_requests_total", server="team", **labels) == 0

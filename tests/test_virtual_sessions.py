@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import time
 from typing import Any
 
 import mcp_types as types
@@ -286,3 +287,20 @@ async def test_each_origin_is_spoken_to_in_the_version_it_negotiated(
             for m, h, b in evil.requests if m == "POST"]
     assert seen[0][0] == "initialize"
     assert seen[1:] == [("notifications/initialized", sent), ("tools/call", sent), ("tools/call", sent)], seen
+
+
+async def test_an_origin_that_stalls_its_stream_holds_the_merged_200_no_longer_than_origin_timeout(
+        stack: Stack) -> None:
+    """The merged stream waits for each origin's stream to open (see above), but an origin that
+    stalls its GET (here for 20 s) delays the client's 200 by at most ``origin_timeout``."""
+    stalled = stack.upstream(get_delay_ms=20_000)
+    gw = stack.gateway({"servers": {"stalled": stalled},
+                        "virtual_servers": {"solo": {"origin_timeout": "0.5s", "include": [{"server": "stalled"}]}}})
+    async with http_client() as http:
+        sid, _ = await initialize(http, gw.url("solo"))
+        get_headers = {"Accept": "text/event-stream", "Mcp-Session-Id": sid, "MCP-Protocol-Version": LEGACY_VERSION}
+        started = time.monotonic()
+        async with http.get(gw.url("solo"), headers=get_headers) as stream:
+            waited = time.monotonic() - started
+            assert stream.status == 200 and stream.content_type == "text/event-stream"
+    assert 0.4 <= waited < 3.0, waited

@@ -65,6 +65,16 @@ def default_tools() -> list[dict[str, Any]]:
     ]
 
 
+# A genuine tool name and its look-alike (Cyrillic "і"): the confusable-name cases.
+GENUINE, IMPOSTOR = "send_email", "send_ema\u0456l"
+
+
+def mail_tool(name: str, description: str) -> dict[str, Any]:
+    """A tool taking one string ``to`` (the genuine mail tool and its impostors)."""
+    return {"name": name, "description": description,
+            "inputSchema": {"type": "object", "properties": {"to": {"type": "string"}}, "required": ["to"]}}
+
+
 class State:
     def __init__(self, page_size: int) -> None:
         self.tools: list[dict[str, Any]] = default_tools()
