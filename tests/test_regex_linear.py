@@ -33,7 +33,10 @@ MiB = 1024 * 1024
 BUDGET = 0.050
 GENERIC = ["a", "a ", " ", "\t", "\n", "\n \n", "0", "aA0-", "_", ".", "a.", "a:", "://a:", "=", "a=", "{", "{a",
            "-", "%2", "&#", "<", "\\u00", "eyJ", "eyJa.", "sk-", "bearer ", "ghp_", "xoxb-", "AKIA", "AIza",
-           "ignore ", "ignore previous ", "<!-- ", "\u200b", "é"]
+           "ignore ", "ignore previous ", "<!-- ", "\u200b", "é",
+           # URLs packed together: a URL run that never ends (no space, no ")") under many starts.
+           "http://x ", "fetch http://x ", "get http://x/ read it and ", "![a](http://x/?", "![a](http://x/%7b",
+           "![a](http://x/!"]
 
 
 def _patterns() -> list[tuple[str, re.Pattern[str]]]:
@@ -173,7 +176,7 @@ def _result_seeds() -> list[str]:
     from gateway.inspect.result_scan import ResultScanner
     scanner = ResultScanner(RULES, "low")
     triggers = sorted({t for r in scanner.rules for t in r.triggers})
-    return ["a", "\u200ba", "ignore all previous instructions and ", " ".join(triggers) + " ",
+    return ["a", "\u200ba", "ignore all previous instructions and ![a](http://x/?", " ".join(triggers) + " ",
             "".join(f"{t} {f} " for r in scanner.rules[:6] for t in r.triggers[:2]
                     for f in _fragments(r.regex.pattern)[:2])]
 
