@@ -71,7 +71,7 @@ from .telemetry import audit
 from .telemetry.client_address import ClientAddress
 from .telemetry import metrics
 from .telemetry.metrics import count_rejection
-from .telemetry.tracing import SPAN_NAMES, Tracer
+from .telemetry.tracing import SPAN_NAMES, Tracer, forward_recorded, run_recorded
 from .upstream import Forwarder, Upstreams
 from .virtual.router import VirtualRouter
 from .virtual.sessions import VirtualSessions
@@ -140,8 +140,7 @@ class Gateway:
         self._client = ClientAddress(config.http.trusted_proxies)
         self.tracer = Tracer(config.tracing)
         # Spans name the stages on the request path (see telemetry.tracing).
-        self._named_checks = tuple((SPAN_NAMES.get(stage.name, f"mcp.{stage.name}"), checker(stage))
-                                   for stage in self.stages if not getattr(stage, "idle", False))
+        self._named_checks = _named(self.stages)
         # Virtual servers: the front (hygiene, authn, parse) runs against the virtual mount,
         # the rest of the request order against each origin (gateway/virtual/router.py).
         # Session and stream (stages[3:5]) are the virtual server's: the client's headers name
@@ -149,11 +148,10 @@ class Gateway:
         assert self.stages[3] is session and self.stages[4] is self.stream
         self.virtual = VirtualRouter(
             config, self.serve,
-            front=tuple(checker(s) for s in self.stages[:3] if not getattr(s, "idle", False)),
+            front=_named(self.stages[:3]),
             # The virtual server's own policy section is decided between the origin's stages
             # and its rate limits: a call refused at either level never consumes quota.
-            origin=tuple(checker(s) for s in self.stages[5:-1] if not getattr(s, "idle", False)),
-            limits=checker(self.stages[-1]),
+            origin=_named(self.stages[5:-1]), limits=_named(self.stages[-1:])[0],
             forward=self.forwarder.forward,
             collect=self.forwarder.collect, policies=authz.policies, catalog=self.catalog,
             legacy={"sessions": VirtualSessions(self.store, self.sessions, config.store.session_ttl),
@@ -269,24 +267,8 @@ class Gateway:
 
     async def _recorded(self, ex: Exchange, trace: Any) -> web.StreamResponse:
         """The request path of a sampled request with span export on: each stage timed."""
-        for name, check in self._named_checks:
-            start = time.time_ns()
-            try:
-                pending = check(ex)
-                if pending is not None:
-                    await pending
-            except BaseException:
-                trace.span(name, start, time.time_ns(), error=True)
-                raise
-            trace.span(name, start, time.time_ns())
-        start = time.time_ns()
-        failed = True
-        try:
-            response = await self.forwarder.forward(ex)
-            failed = ex.outcome == "error"
-            return response
-        finally:
-            trace.span("mcp.upstream", start, time.time_ns(), span_id=trace.upstream_span_id, kind=3, error=failed)
+        await run_recorded(ex, trace, self._named_checks)
+        return await forward_recorded(ex, trace, self.forwarder.forward)
 
     def _error(self, ex: Exchange | None, err: GatewayError) -> web.Response:
         headers = dict(_JSON)
@@ -304,6 +286,12 @@ class Gateway:
             count_rejection(ex.server.name, err.reason)
         rpc_id = ex.rpc_id if ex is not None else None
         return web.Response(status=err.status, body=error_body(err, rpc_id), headers=headers)
+
+
+def _named(stages: Any) -> tuple[tuple[str, Any], ...]:
+    """(span name, check) of each working stage, in order (spans name the stages: telemetry.tracing)."""
+    return tuple((SPAN_NAMES.get(stage.name, f"mcp.{stage.name}"), checker(stage))
+                 for stage in stages if not getattr(stage, "idle", False))
 
 
 async def _not_found(_request: web.Request) -> web.Response:

@@ -223,5 +223,27 @@ async def test_a_call_through_a_virtual_server_stays_in_one_trace(
                 collector.arrived.clear()
                 await collector.arrived.wait()
         assert roots["evil"]["parentSpanId"] == roots["suite"]["spanId"]
+        # Each exchange's stages are its own spans: the front under the virtual server's span, the
+        # origin's stages, the virtual section and the upstream call under the origin's call span
+        # (the origin's session opening, initialize and initialized, is in the same trace too).
+        def attrs(span: dict[str, Any]) -> dict[str, str]:
+            return {a["key"]: a["value"].get("stringValue") for a in span.get("attributes", ())}
+
+        def children(parent: dict[str, Any]) -> dict[str, dict[str, Any]]:
+            return {s["name"]: s for s in collector.spans
+                    if s["traceId"] == trace and s.get("parentSpanId") == parent["spanId"]}
+
+        call = next(s for s in collector.spans if s["traceId"] == trace and s["name"] == "mcp.request"
+                    and attrs(s) == {**attrs(s), "mcp.server": "evil", "mcp.method": "tools/call"})
+        async with asyncio.timeout(10):
+            while "mcp.upstream" not in children(call):
+                collector.arrived.clear()
+                await collector.arrived.wait()
+        under_call = children(call)
+        assert {"mcp.policy", "mcp.pinning", "mcp.policy.virtual", "mcp.limits", "mcp.upstream"} <= set(under_call)
+        assert not set(under_call) & {"mcp.hygiene", "mcp.authn", "mcp.parse"}, under_call
+        assert seen == f"00-{trace}-{under_call['mcp.upstream']['spanId']}-01"   # the origin's parent is that span
+        front = set(children(roots["suite"])) - {"mcp.request"}
+        assert front == {"mcp.hygiene", "mcp.parse"}, front          # (authn: auth mode none, idle)
     finally:
         await collector.stop()

@@ -154,3 +154,35 @@ async def test_two_replicas_opening_one_origin_at_once_end_up_in_one_upstream_se
         opened = {r["headers"].get("mcp-session-id") for r in up.records("notifications/initialized")}
         ended = {r["headers"].get("mcp-session-id") for r in up.records() if r["method"] == "DELETE"}
         assert opened - ended == used, f"round {round_}: a losing upstream session was left open"
+
+
+async def test_a_cancellation_sent_to_the_other_replica_stops_the_call_at_its_origin(
+        http: Any, replicas: tuple[Upstream, Gateway, Gateway]) -> None:
+    """The call runs through replica A; the client's ``notifications/cancelled`` reaches replica B,
+    which does not run it: it goes to every open origin, the one running the id stops the call,
+    and the other (server-everything) ignores an id it does not know."""
+    up, a, b = replicas
+    sid, _ = await initialize(http, a.url("duo"))
+    listed = await post(http, b.url("duo"), rpc("tools/list"), session_id=sid)     # opens both origins
+    assert listed.status == 200
+    call = rpc("tools/call", {"name": "alpha__slow_progress", "arguments": {"steps": 100, "interval_ms": 50},
+                              "_meta": {"progressToken": "long"}})
+    seen: list[Any] = []
+    async with http.post(a.url("duo"), json=call, headers=_headers(sid)) as resp:
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+        events = read_events(resp)
+        while not ((ev := await next_event(events)).message or {}).get("method") == "notifications/progress":
+            pass
+        cancel = rpc("notifications/cancelled", {"requestId": call["id"], "reason": "enough"}, id=None)
+        note = await post(http, b.url("duo"), cancel, session_id=sid)
+        assert note.status == 202
+        async for ev in events:                    # the call's stream ends: the origin stopped it
+            if ev.message:
+                seen.append(ev.message)
+    progress = [m for m in seen if m.get("method") == "notifications/progress"]
+    assert len(progress) < 99, "the call ran to its end: the cancellation never reached it"
+    assert not any("result" in m for m in seen)
+    (sent,) = up.records("notifications/cancelled")
+    assert sent["body"]["params"] == {"requestId": call["id"], "reason": "enough"}
+    (running,) = up.records("tools/call")
+    assert sent["headers"]["mcp-session-id"] == running["headers"]["mcp-session-id"]

@@ -23,7 +23,7 @@ import os
 import re
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import aiohttp
 import orjson
@@ -131,6 +131,35 @@ class Tracer:
         if ctx.parent_id:
             root["parentSpanId"] = ctx.parent_id
         self.exporter.add([root, *ctx.spans])
+
+
+async def run_recorded(ex: "Exchange", trace: TraceContext,
+                       named: "tuple[tuple[str, Callable[[Exchange], Awaitable[None] | None]], ...]") -> None:
+    """The stages ``named`` (span name, check) in order on ``ex``, each a span of ``trace``
+    (the path of a recorded request: a mount's, a virtual server's and each origin's)."""
+    for name, check in named:
+        start = time.time_ns()
+        try:
+            pending = check(ex)
+            if pending is not None:
+                await pending
+        except BaseException:
+            trace.span(name, start, time.time_ns(), error=True)
+            raise
+        trace.span(name, start, time.time_ns())
+
+
+async def forward_recorded(ex: "Exchange", trace: TraceContext,
+                           forward: "Callable[[Exchange], Awaitable[Any]]") -> Any:
+    """``forward(ex)`` as the ``mcp.upstream`` span: the parent the upstream was sent."""
+    start = time.time_ns()
+    failed = True
+    try:
+        response = await forward(ex)
+        failed = ex.outcome == "error"
+        return response
+    finally:
+        trace.span("mcp.upstream", start, time.time_ns(), span_id=trace.upstream_span_id, kind=3, error=failed)
 
 
 def _attr(key: str, value: Any) -> dict[str, Any]:

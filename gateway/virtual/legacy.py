@@ -18,8 +18,10 @@
   back to that origin with the original id.  An id the gateway did not issue
   for this session is 400 (``answer_id_invalid``), never forwarded.
 - The client's ``notifications/cancelled`` goes to the origin running that
-  request (on this replica), ``notifications/roots/list_changed`` to every
-  origin with an open session; other client notifications end here.
+  request when it runs on this replica, else (another replica runs it, or it
+  ended) to every origin with an open session, which ignore an id they do not
+  know; ``notifications/roots/list_changed`` goes to every origin with an open
+  session; other client notifications end here.
 - Notifications are relayed as the origin sent them (progress tokens and
   resource URIs are the client's own), logging messages tagged with their
   origin in ``_meta``.
@@ -108,8 +110,8 @@ class LegacyVirtual:
 
     def running(self, ex: "Exchange", sub: "Exchange") -> tuple[str, bytes]:
         """``sub`` runs the client's request: until ``done``, a ``notifications/cancelled`` naming the
-        client's request id goes to its origin (on this replica: a cancellation that reaches another
-        one is dropped)."""
+        client's request id goes straight to its origin (one that reaches another replica goes to
+        every open origin: ``_cancel``)."""
         assert ex.session is not None
         key = (ex.session.id, orjson.dumps(ex.rpc_id))
         self._running[key] = sub
@@ -126,16 +128,23 @@ class LegacyVirtual:
         if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
             return
         running = self._running.get((ex.session.id, orjson.dumps(request_id)))
-        if running is None:
+        if running is not None:
+            sub = self._router.sub(ex, vs, running.server.name, "notifications/cancelled", dict(params), rpc_id=None)
+            sub.session, sub.upstream_session_id = running.session, running.upstream_session_id
+            await self._router.call_origin(sub, self._post)
             return
-        sub = self._router.sub(ex, vs, running.server.name, "notifications/cancelled", dict(params), rpc_id=None)
-        sub.session, sub.upstream_session_id = running.session, running.upstream_session_id
-        await self._router.call_origin(sub, self._post)
+        # Not running here: it may run on another replica (its registry is its own), or have
+        # ended.  Every origin with an open session hears it: a client's request ids are unique
+        # in its session, so only the origin running that id acts on it, and the others ignore
+        # an id they do not know (as the protocol lets a receiver of an unknown id).
+        await self._to_open_origins(ex, vs, dict(params))
 
-    async def _to_open_origins(self, ex: "Exchange", vs: "VirtualServerConfig") -> None:
-        """A client notification every origin with an open session hears (the client's roots changed)."""
+    async def _to_open_origins(self, ex: "Exchange", vs: "VirtualServerConfig",
+                               params: dict[str, Any] | None = None) -> None:
+        """A client notification every origin with an open session hears (the client's roots
+        changed; a cancellation of a request this replica is not running)."""
         async def one(rec: "SessionRecord") -> None:
-            sub = self._router.sub(ex, vs, rec.server, ex.method, None, rpc_id=None)
+            sub = self._router.sub(ex, vs, rec.server, ex.method, params, rpc_id=None)
             self.attach(ex, sub, rec)
             await self._router.call_origin(sub, self._post)
 

@@ -32,6 +32,7 @@ session mapping, event ids, answer admission) work on the origin as on its mount
 from __future__ import annotations
 
 import base64
+import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import orjson
@@ -45,6 +46,7 @@ from ..stages.stream import Origin
 from ..policy.decide import ALLOWED, ANY, UNKNOWN, decide
 from ..policy.model import PROMPTS, RESOURCES, TOOLS
 from ..stages.authz import refuse
+from ..telemetry.tracing import forward_recorded, run_recorded
 from .legacy import LegacyVirtual
 from .lists import LISTS, Lists, params_of
 
@@ -60,21 +62,24 @@ _BY_URI = frozenset({"resources/read", "resources/subscribe", "resources/unsubsc
 
 Serve = Callable[[Exchange, Callable[[Exchange], Awaitable[web.StreamResponse]]], Awaitable[web.StreamResponse]]
 Check = Callable[[Exchange], "Awaitable[None] | None"]
+Named = tuple[str, Check]                 # (span name, check): a stage (telemetry.tracing)
 
 
 class VirtualRouter:
     """Built once by ``app.py``: the stages to run at each level and how to reach the upstreams."""
 
-    def __init__(self, config: Any, serve: Serve, front: tuple[Check, ...], origin: tuple[Check, ...],
-                 limits: Check, forward: Callable[[Exchange], Awaitable[web.StreamResponse]],
+    def __init__(self, config: Any, serve: Serve, front: tuple[Named, ...], origin: tuple[Named, ...],
+                 limits: Named, forward: Callable[[Exchange], Awaitable[web.StreamResponse]],
                  collect: Callable[..., Awaitable[web.Response]], policies: Any, catalog: Any,
                  legacy: dict[str, Any]) -> None:
         self.virtual: dict[str, VirtualServerConfig] = config.virtual_servers
         self._servers = config.servers
         self._serve = serve
-        self._front = front
-        self._origin = origin
-        self._limits = limits
+        # Plain checks for the common path; named ones (each a span) for a recorded trace.
+        self._front_named, self._origin_named, self._limits_named = front, origin, (limits,)
+        self._front = tuple(check for _, check in front)
+        self._origin = tuple(check for _, check in origin)
+        self._limits = limits[1]
         self.forward = forward
         self.collect = collect
         self._policies = policies
@@ -87,10 +92,14 @@ class VirtualRouter:
 
     async def run(self, ex: Exchange) -> web.StreamResponse:
         vs = self.virtual[ex.server.name]
-        for check in self._front:
-            pending = check(ex)
-            if pending is not None:
-                await pending
+        trace = ex.trace
+        if trace is not None and trace.spans is not None:
+            await run_recorded(ex, trace, self._front_named)
+        else:
+            for check in self._front:
+                pending = check(ex)
+                if pending is not None:
+                    await pending
         if ex.method == "server/discover":
             # The 2026-07-28 probe ("auto" clients): what this virtual server speaks.
             result: dict[str, Any] = {"supportedVersions": [MODERN_VERSION], "resultType": "complete",
@@ -179,15 +188,16 @@ class VirtualRouter:
         async def body(sub: Exchange) -> web.StreamResponse:
             if sub.era != MODERN:
                 await legacy.bind(ex, vs, sub)
+            trace = sub.trace
+            if trace is not None and trace.spans is not None:
+                return await self._recorded(ex, vs, sub, trace, method, published, inc.server, target, decided)
             try:
                 for check in origin_checks:           # run_origin, inlined
                     pending = check(sub)
                     if pending is not None:
                         await pending
             except PolicyDenied as err:
-                # The origin's refusal names the original; the client only knows the published name.
-                if published != target and err.message.endswith(target):
-                    err.message = err.message[:-len(target)] + published
+                _published(err, published, target)
                 raise
             self._decide_virtual(ex, vs, method, published, inc.server, target, sub.arguments,
                                  decided[0] if decided is not None else None)
@@ -210,9 +220,39 @@ class VirtualRouter:
         sub.finishers = [ended]
         return self._serve(sub, body)
 
+    async def _recorded(self, ex: Exchange, vs: "VirtualServerConfig", sub: Exchange, trace: Any, method: str,
+                        published: str, origin: str, target: str, decided: tuple[str, str] | None
+                        ) -> web.StreamResponse:
+        """``_route``'s body for a recorded trace: each of the origin's stages and its upstream call a span."""
+        try:
+            await run_recorded(sub, trace, self._origin_named)
+        except PolicyDenied as err:
+            _published(err, published, target)
+            raise
+        start = time.time_ns()
+        try:
+            self._decide_virtual(ex, vs, method, published, origin, target, sub.arguments,
+                                 decided[0] if decided is not None else None)
+        except BaseException:
+            trace.span("mcp.policy.virtual", start, time.time_ns(), error=True)
+            raise
+        trace.span("mcp.policy.virtual", start, time.time_ns())
+        await run_recorded(sub, trace, self._limits_named)
+        if sub.era == MODERN:
+            return await forward_recorded(sub, trace, self.forward)
+        key = self.legacy.running(ex, sub)
+        try:
+            return await forward_recorded(sub, trace, self.forward)
+        finally:
+            self.legacy.done(key, sub)
+
     async def run_origin(self, sub: Exchange) -> None:
         """The origin's request stages after session and stream (``sub.session`` and ``sub.origin``
         are the router's: the client's headers name the virtual session and stream, not the origin's)."""
+        trace = sub.trace
+        if trace is not None and trace.spans is not None:
+            await run_recorded(sub, trace, self._origin_named)
+            return
         for check in self._origin:
             pending = check(sub)
             if pending is not None:
@@ -277,12 +317,22 @@ class VirtualRouter:
             if before is not None:
                 await before(sub)
             await self.run_origin(sub)
+            trace = sub.trace
+            if trace is not None and trace.spans is not None:
+                await run_recorded(sub, trace, self._limits_named)
+                return await forward_recorded(sub, trace, finish)
             pending = self._limits(sub)
             if pending is not None:
                 await pending
             return await finish(sub)
 
         return await self._serve(sub, body)
+
+
+def _published(err: PolicyDenied, published: str, target: str) -> None:
+    """The origin's refusal names the original; the client only knows the published name."""
+    if published != target and err.message.endswith(target):
+        err.message = err.message[:-len(target)] + published
 
 
 def _header_value(value: str) -> str:
