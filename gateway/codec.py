@@ -27,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from .errors import CodecError  # noqa: F401 - raised here, re-exported: the codec's error
+
 REQUEST = "request"
 NOTIFICATION = "notification"
 RESULT = "result"
@@ -35,14 +37,6 @@ ERROR = "error"
 _INT_MIN = -(2 ** 63)
 _INT_MAX = 2 ** 64 - 1
 _ENVELOPE = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
-
-
-class CodecError(ValueError):
-    """The bytes are not one strict JSON-RPC message; ``reason`` is from a closed set."""
-
-    def __init__(self, message: str, reason: str = "invalid_json") -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class Message:

@@ -89,6 +89,18 @@ class ParseError(BadRequest):
     reason = "parse_error"
 
 
+class CodecError(ParseError):
+    """The bytes are not one strict JSON-RPC message (``codec.py``); ``reason`` is from a closed
+    set (invalid_json, invalid_utf8, invalid_envelope, batch, ...).  The codec does not know whose
+    bytes they were: each caller turns it into the refusal for its direction (a client's body:
+    400; an upstream's message: 502 or an in-band error), so the status here is only a default."""
+
+    reason = "invalid_json"
+
+    def __init__(self, message: str, reason: str = "invalid_json") -> None:
+        super().__init__(message, reason=reason)
+
+
 class HeaderMismatch(BadRequest):
     code = HEADER_MISMATCH
     reason = "header_mismatch"

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from ..codec import CodecError
 from ..errors import BadRequest, GatewayError
 from ..inspect.sse import SSEFramer, SSETooLarge, encode_event
 from ..stages.stream import REPLAYED_HOOKS, STANDALONE
@@ -179,7 +178,7 @@ class Streams:
                             continue
                         try:
                             msg = self._path.message(sub, ev.data)
-                        except (CodecError, GatewayError):
+                        except GatewayError:            # unreadable (CodecError) or refused by a hook
                             continue                   # dropped, as on a mount's GET stream
                         if msg is not None:
                             await queue.put((origin, ev.id, msg.raw.decode()))
