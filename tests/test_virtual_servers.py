@@ -309,3 +309,28 @@ async def test_a_routed_call_is_counted_once_under_its_origin(stack: Stack, upst
     assert await metric(gw.admin_url, "mcpgw_requests_total", server="team", method="tools/list") >= 1
     assert await metric(gw.admin_url, "mcpgw_requests_total", server="beta", **labels) == 3
     assert await metric(gw.admin_url, "mcpgw_requests_total", server="team", **labels) == 0
+
+
+@pytest.mark.parametrize("client_headers", [{}, {"Mcp-Method": "tools/call", "mcp-name": "b_echo"}],
+                         ids=["without-mcp-headers", "with-the-published-name"])
+async def test_a_2025_11_25_call_reaches_the_origin_without_the_published_name_in_any_header(
+        gw: Gateway, upstreams: dict[str, Upstream], client_headers: dict[str, str]) -> None:
+    """2025-11-25 clients need not send Mcp-Method/Mcp-Name (2026-07-28 headers): the origin then
+    gets none, as from its mount.  A client that sends them, naming the published tool, never gets
+    that name to the origin: the origin's headers name its own tool."""
+    async with http_client() as http:
+        sid, _ = await initialize(http, gw.url("team"))
+        upstreams["beta"].clear_records()
+        reply = await post(http, gw.url("team"), rpc("tools/call", {"name": "b_echo", "arguments": {"text": "hi"}}),
+                           client_headers, session_id=sid)
+        assert reply.status == 200
+        assert reply.response_to(reply.messages[-1]["id"])["result"]["content"][0]["text"] == "hi"
+    (call,) = upstreams["beta"].records("tools/call")
+    sent = call["headers"]
+    assert call["body"]["params"]["name"] == "echo"
+    assert "b_echo" not in json.dumps(sent)
+    if client_headers:
+        assert (sent["mcp-method"], sent["mcp-name"]) == ("tools/call", "echo")
+    else:
+        assert "mcp-method" not in sent and "mcp-name" not in sent
+    assert sent["mcp-protocol-version"] == LEGACY_VERSION

@@ -202,9 +202,11 @@ class LegacyVirtual:
         """``sub`` goes out in ``rec`` (none for a sessionless origin) and answers in the client's session."""
         if rec.id:
             sub.session, sub.upstream_session_id = rec, rec.upstream_id
-            if rec.protocol_version:      # the version this origin negotiated (MCP-Protocol-Version)
-                sub.protocol_version = rec.protocol_version
-                sub.extra_upstream_headers["MCP-Protocol-Version"] = rec.protocol_version
+            version = rec.protocol_version  # the version this origin negotiated (MCP-Protocol-Version)
+            if version:
+                sub.protocol_version = version
+                if ex.request.headers.get("MCP-Protocol-Version") != version:   # else the client's says it
+                    sub.extra_upstream_headers["MCP-Protocol-Version"] = version
         assert ex.session is not None
         sub.response_headers = {**(sub.response_headers or {}), "Mcp-Session-Id": ex.session.id}
 

@@ -178,7 +178,7 @@ class VirtualRouter:
         ex.routed = True                      # one audit record per client request: the origin's
         if method == "tools/call":
             sub.arguments = params.get("arguments")
-        if method in _NAMED or method in _BY_URI:
+        if (method in _NAMED or method in _BY_URI) and "Mcp-Method" in sub.extra_upstream_headers:
             sub.extra_upstream_headers["Mcp-Name"] = _header_value(target)
         published = ex.name if method in _NAMED else target
         if decided is not None:
@@ -300,8 +300,14 @@ class VirtualRouter:
             sub.rpc_id = message.get("id")
         sub.origin = Origin("p", method, rpc_id) if sub.is_request else _NO_ANSWERS
         sub.via = vs.name
-        # The client's Mcp-Method/Mcp-Name name the virtual request; the origin's are these.
-        sub.extra_upstream_headers = {"Mcp-Method": method, "Mcp-Name": None}
+        # The client's Mcp-Method/Mcp-Name name the virtual request; the origin's are these.  A
+        # 2025-11-25 request without them (they are 2026-07-28 headers) needs neither: its origin
+        # is sent what its mount would be, and nothing is applied over the client's headers.
+        headers = ex.request.headers
+        if ex.era == MODERN or "Mcp-Method" in headers or "Mcp-Name" in headers:
+            sub.extra_upstream_headers = {"Mcp-Method": method, "Mcp-Name": None}
+        else:
+            sub.extra_upstream_headers = {}
         if ex.trace is not None:             # the same trace: the origin's call is a child of the client's
             child = sub.trace = ex.trace.child()
             sub.extra_upstream_headers.update(child.outgoing())
