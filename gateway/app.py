@@ -151,7 +151,7 @@ class Gateway:
             front=_named(self.stages[:3]),
             # The virtual server's own policy section is decided between the origin's stages
             # and its rate limits: a call refused at either level never consumes quota.
-            origin=_named(self.stages[5:-1]), limits=_named(self.stages[-1:])[0],
+            origin=_named(self.stages[5:-1]), limits=_named_one(self.stages[-1]),
             forward=self.forwarder.forward,
             collect=self.forwarder.collect, policies=authz.policies, catalog=self.catalog,
             legacy={"sessions": VirtualSessions(self.store, self.sessions, config.store.session_ttl),
@@ -288,10 +288,14 @@ class Gateway:
         return web.Response(status=err.status, body=error_body(err, rpc_id), headers=headers)
 
 
+def _named_one(stage: Any) -> tuple[str, Any]:
+    """(span name, check) of ``stage`` (spans name the stages: telemetry.tracing)."""
+    return SPAN_NAMES.get(stage.name, f"mcp.{stage.name}"), checker(stage)
+
+
 def _named(stages: Any) -> tuple[tuple[str, Any], ...]:
-    """(span name, check) of each working stage, in order (spans name the stages: telemetry.tracing)."""
-    return tuple((SPAN_NAMES.get(stage.name, f"mcp.{stage.name}"), checker(stage))
-                 for stage in stages if not getattr(stage, "idle", False))
+    """``_named_one`` of each working stage, in order."""
+    return tuple(_named_one(stage) for stage in stages if not getattr(stage, "idle", False))
 
 
 async def _not_found(_request: web.Request) -> web.Response:

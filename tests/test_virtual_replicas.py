@@ -186,3 +186,30 @@ async def test_a_cancellation_sent_to_the_other_replica_stops_the_call_at_its_or
     assert sent["body"]["params"] == {"requestId": call["id"], "reason": "enough"}
     (running,) = up.records("tools/call")
     assert sent["headers"]["mcp-session-id"] == running["headers"]["mcp-session-id"]
+
+
+async def test_a_cancellation_broadcast_survives_an_origin_that_hangs_up_on_it(
+        upstream: Factory[Upstream], gateway: Factory[Gateway], evil: Any, tmp_path: Path, http: Any) -> None:
+    """A cancellation this replica is not running goes to every open origin: a raw-socket origin that
+    closes the connection on it costs the client nothing (202) and the other origin still hears it."""
+    up = await upstream.astart()
+    evil.hang_up = lambda n, body: b'"notifications/cancelled"' in body
+    config = with_policy({"servers": {"alpha": up, "evil": {"url": evil.url}},
+                          "virtual_servers": {"duo": {"include": [{"server": "alpha"}, {"server": "evil"}]}}},
+                         tmp_path)
+    gw = await gateway.astart(config)
+    sid, _ = await initialize(http, gw.url("duo"))
+    listed = await post(http, gw.url("duo"), rpc("tools/list"), session_id=sid)      # opens both origins
+    assert listed.status == 200
+    start = len(gw.log_lines())
+    cancel = rpc("notifications/cancelled", {"requestId": "ran-elsewhere", "reason": "enough"}, id=None)
+    note = await post(http, gw.url("duo"), cancel, session_id=sid)
+    assert note.status == 202
+    (sent,) = up.records("notifications/cancelled")
+    assert sent["body"]["params"] == {"requestId": "ran-elsewhere", "reason": "enough"}
+    (hung,) = evil.hung_up                         # it reached the raw-socket origin, which hung up, once
+    assert b'"ran-elsewhere"' in hung
+    assert not [r for r in gw.json_logs()[start:] if r.get("event") == "gateway.internal_error"]
+    echoed = await post(http, gw.url("duo"), rpc("tools/call", {"name": "alpha__echo", "arguments": {"text": "ok"}}),
+                        session_id=sid)
+    assert echoed.response_to(echoed.messages[-1]["id"])["result"]["content"][0]["text"] == "ok"

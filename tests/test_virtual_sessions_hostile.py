@@ -170,3 +170,31 @@ async def test_a_tampered_last_event_id_of_a_call_stream_is_refused(
                 body = await resp.json(content_type=None)
                 assert resp.status == 400 and body["error"]["data"]["reason"] == "event_id_invalid", body
     assert len(up.records()) == before
+
+
+async def test_another_principals_cancellation_of_a_running_call_is_404_and_reaches_no_origin(
+        setup: tuple[Upstream, Gateway, DevIssuer]) -> None:
+    """Mallory (a valid token, another subject) names Alice's session and her running call's id: the
+    cancellation is refused before it is routed (neither to the origin running it nor broadcast)."""
+    up, gw, dev = setup
+    alice, mallory = bearer(dev, gw, "alice"), bearer(dev, gw, "mallory")
+    async with http_client() as http:
+        sid, _ = await initialize(http, gw.url("team"), alice)
+        call = rpc("tools/call", {"name": "alpha__slow_progress", "arguments": {"steps": 40, "interval_ms": 50},
+                                  "_meta": {"progressToken": "p"}})
+        headers = {"Accept": ACCEPT, "Content-Type": "application/json", "Mcp-Session-Id": sid,
+                   "MCP-Protocol-Version": LEGACY_VERSION, **alice}
+        async with http.post(gw.url("team"), json=call, headers=headers) as resp:
+            events = read_events(resp)
+            while not ((ev := await next_event(events)).message or {}).get("method") == "notifications/progress":
+                pass
+            for request_id in (call["id"], "not-running"):
+                cancel = rpc("notifications/cancelled", {"requestId": request_id}, id=None)
+                stolen = await post(http, gw.url("team"), cancel, mallory, session_id=sid)
+                assert (stolen.status, stolen.error_reason) == (404, "session_principal_mismatch")
+            answer = None
+            async for ev in events:                    # Alice's call runs to its end
+                if ev.message and ev.message.get("id") == call["id"]:
+                    answer = ev.message
+    assert answer is not None and answer["result"]["content"][0]["text"] == "done after 40 steps"
+    assert up.records("notifications/cancelled") == []

@@ -32,7 +32,6 @@ session mapping, event ids, answer admission) work on the origin as on its mount
 from __future__ import annotations
 
 import base64
-import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import orjson
@@ -229,15 +228,11 @@ class VirtualRouter:
         except PolicyDenied as err:
             _published(err, published, target)
             raise
-        start = time.time_ns()
-        try:
+        def virtual_section(sub: Exchange) -> None:
             self._decide_virtual(ex, vs, method, published, origin, target, sub.arguments,
                                  decided[0] if decided is not None else None)
-        except BaseException:
-            trace.span("mcp.policy.virtual", start, time.time_ns(), error=True)
-            raise
-        trace.span("mcp.policy.virtual", start, time.time_ns())
-        await run_recorded(sub, trace, self._limits_named)
+
+        await run_recorded(sub, trace, (("mcp.policy.virtual", virtual_section), *self._limits_named))
         if sub.era == MODERN:
             return await forward_recorded(sub, trace, self.forward)
         key = self.legacy.running(ex, sub)
