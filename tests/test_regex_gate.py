@@ -121,6 +121,22 @@ def test_translation_of_each_construct(pattern: str, matches: list[str], misses:
         assert not wide.search(text), (pattern, text)
 
 
+@pytest.mark.parametrize(("pattern", "matches", "misses"), [
+    # On ASCII text Python's \b and \B are RE2's: kept, so a word inside another starts nothing.
+    (r"\bsend\b", ["send", "SEND it", "(send)", "to_ send"], ["resend", "sending", "send_x"]),
+    (r"\Bend", ["send", "bend"], ["end", " end"]),
+])
+def test_the_ascii_translation_keeps_word_boundaries(pattern: str, matches: list[str], misses: list[str]) -> None:
+    regex = re.compile(pattern)
+    latin1 = re2.Options()
+    latin1.encoding = re2.Options.Encoding.LATIN1
+    ascii_gate = re2.compile(f"(?i:{translate(regex, ascii=True)})".encode(), latin1)
+    for text in matches:
+        assert regex.search(text.lower()) and ascii_gate.search(text.encode()), (pattern, text)
+    for text in misses:
+        assert not regex.search(text.lower()) and not ascii_gate.search(text.encode()), (pattern, text)
+
+
 def test_a_rule_the_gate_cannot_translate_always_runs() -> None:
     with pytest.raises(Untranslatable):
         translate(re.compile(r"(a)\1"))

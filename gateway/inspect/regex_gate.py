@@ -8,7 +8,8 @@ them in one automaton pass instead, a few nanoseconds per character.
 RE2 is not Python's ``re``: no look-arounds, no back-references, ASCII ``\\b`` and ``\\w``.
 So each rule is *translated to a superset of itself*, from Python's own parse tree of the
 pattern (``re._parser``, so verbose mode, escapes and classes are read exactly as ``re``
-reads them): assertions (``\\b``, ``^``, look-arounds) become empty, lazy and possessive
+reads them): assertions (``^``, look-arounds; ``\\b`` except in the ASCII translation, where
+Python's word boundary is RE2's) become empty, lazy and possessive
 repeats greedy, Unicode classes wider; a class that cannot be widened exactly becomes "any
 character".  Anything that matches the Python rule therefore matches its translation, and
 the Python rule stays the judge of every text the gate lets through.  A rule that cannot be
@@ -45,6 +46,11 @@ _NARROW = {C.CATEGORY_DIGIT: "0-9", C.CATEGORY_WORD: "0-9A-Za-z_", C.CATEGORY_SP
 _ASCII = {C.CATEGORY_DIGIT: "0-9", C.CATEGORY_WORD: "0-9A-Za-z_", C.CATEGORY_SPACE: r"\t-\r\x{1c}-\x{20}"}
 _NOT = {C.CATEGORY_NOT_DIGIT: C.CATEGORY_DIGIT, C.CATEGORY_NOT_WORD: C.CATEGORY_WORD,
         C.CATEGORY_NOT_SPACE: C.CATEGORY_SPACE}
+# Positions RE2 reads as Python does: "^" and "\\A" as any line start, "$" and "\\Z" as any line
+# end (supersets); word boundaries only in the ASCII translation, where the two agree.
+_LINE_AT = {C.AT_BEGINNING: "(?m:^)", C.AT_BEGINNING_LINE: "(?m:^)", C.AT_BEGINNING_STRING: "(?m:^)",
+            C.AT_END: "(?m:$)", C.AT_END_LINE: "(?m:$)", C.AT_END_STRING: "(?m:$)"}
+_ASCII_AT = {C.AT_BOUNDARY: r"\b", C.AT_NON_BOUNDARY: r"\B", **_LINE_AT}
 _ANY = r"(?s:.)"
 _NEVER = r"[^\x{0}-\x{ff}]"              # an empty class (Latin-1 patterns: ASCII text only)
 
@@ -115,6 +121,8 @@ class _Emitter:
                 out.append(f"(?:{self.emit(av)})")
             elif op is C.BRANCH:
                 out.append("(?:" + "|".join(self.emit(b) for b in av[1]) + ")")
+            elif op is C.AT and av in (_ASCII_AT if self.ascii else _LINE_AT):
+                out.append(_ASCII_AT[av])
             elif op in (C.AT, C.ASSERT, C.ASSERT_NOT):
                 continue                  # dropping an assertion only widens the match
             elif op is C.CATEGORY:
@@ -130,25 +138,45 @@ _REPEATS = (C.MAX_REPEAT, C.MIN_REPEAT, C.POSSESSIVE_REPEAT)
 def _trim(items: list[tuple[Any, Any]], end: bool) -> list[tuple[Any, Any]]:
     """``items`` without what a search for *some* match does not need at one edge: a match
     of ``x y{0,40}`` contains one of ``x``, and of ``x y{2,9}`` one of ``x y{2}``.  Fewer
-    counters, far fewer automaton states, the same answer to "is there a match"."""
+    counters, far fewer automaton states, the same answer to "is there a match".  A word
+    boundary at the edge stays when what it borders is kept as it was (``\\bnot``: "another"
+    starts nothing); the ASCII translation keeps it, the wide one drops it."""
     items = list(items)
     while items:
         i = len(items) - 1 if end else 0
         op, av = items[i]
+        if op is C.AT and av in _ASCII_AT and (len(items) == 1 or _edge(items[i - 1 if end else 1], end)[1] is False):
+            break
         if op in (C.AT, C.ASSERT, C.ASSERT_NOT) or (op in _REPEATS and av[0] == 0):
             del items[i]
             continue
-        if op in _REPEATS:
-            lo, _hi, sub = av
-            items[i] = (C.SUBPATTERN, (None, 0, 0, _trim(list(sub), end))) if lo == 1 else (op, (lo, lo, sub))
-        elif op is C.SUBPATTERN:
-            items[i] = (op, (*av[:3], _trim(list(av[3]), end)))
-        elif op is C.ATOMIC_GROUP:
-            items[i] = (op, _trim(list(av), end))
-        elif op is C.BRANCH:
-            items[i] = (op, (av[0], [_trim(list(b), end) for b in av[1]]))
+        items[i] = _edge(items[i], end)[0]
         break
     return items
+
+
+def _edge(item: tuple[Any, Any], end: bool) -> tuple[tuple[Any, Any], bool]:
+    """``item`` trimmed at one edge, and whether that changed it."""
+    op, av = item
+    if op in _REPEATS:
+        lo, _hi, sub = av
+        return ((C.SUBPATTERN, (None, 0, 0, _trim(list(sub), end))) if lo == 1 else (op, (lo, lo, sub))), True
+    if op is C.SUBPATTERN:
+        sub = _trim(list(av[3]), end)
+        return ((op, (*av[:3], sub)), True) if _differ(sub, av[3]) else (item, False)
+    if op is C.ATOMIC_GROUP:
+        sub = _trim(list(av), end)
+        return ((op, sub), True) if _differ(sub, av) else (item, False)
+    if op is C.BRANCH:
+        branches = [_trim(list(b), end) for b in av[1]]
+        if any(_differ(new, old) for new, old in zip(branches, av[1])):
+            return (op, (av[0], branches)), True
+    return item, False
+
+
+def _differ(new: list[tuple[Any, Any]], old: Iterable[tuple[Any, Any]]) -> bool:
+    old = list(old)
+    return len(new) != len(old) or any(a is not b for a, b in zip(new, old))
 
 
 def translate(regex: re.Pattern[str], ascii: bool = False) -> str:
@@ -200,6 +228,18 @@ class RegexGate:
         self._each: tuple[tuple[int, Any], ...] = tuple((i, r) for i, _, _, r in compiled)
         self.gated: tuple[int, ...] = tuple(i for i, _ in self._each)
         self.ungated: tuple[int, ...] = tuple(sorted(ungated))
+        # clean_ascii's one call: the binding under the wrapper (see _first_raw), when it is there.
+        self._ascii_match: Any = self._any_ascii._regexp.Match \
+            if _first is _first_raw and self._any_ascii is not None and not self.ungated else None
+
+    def clean_ascii(self, text: str) -> bool:
+        """For ASCII ``text`` as it came: True when no regex may match it, i.e. when
+        ``candidates(text, cased=True)`` is empty.  The common case, in one call into RE2."""
+        match = self._ascii_match
+        if match is None:
+            return not self.candidates(text, cased=True)
+        data = text.encode()
+        return match(_UNANCHORED, data, 0, len(data))[0][0] < 0
 
     def candidates(self, text: str, cased: bool = False) -> tuple[int, ...]:
         """Indices of the regexes that may match ``text``: the ungated ones, plus every gated

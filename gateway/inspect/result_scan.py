@@ -95,10 +95,8 @@ class ResultScanner:
         # One RE2 pass says which rules may match the lower-cased text; a case-sensitive rule
         # reads the original text and always runs.
         self._gate = RegexGate([r.lower for r in self.rules])
-
-    def clean(self, text: str) -> bool:
-        """For ASCII ``text``: True when no rule can match it (``scan`` would find nothing)."""
-        return not self._gate.candidates(text, cased=True)
+        # clean(text), for ASCII text: True when no rule can match it (scan would find nothing).
+        self.clean = self._gate.clean_ascii
 
     def scan(self, text: str) -> list[Hit]:
         """Every match in ``text`` (at most ``MAX_HITS``), spans in ``text``'s own offsets."""

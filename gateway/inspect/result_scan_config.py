@@ -40,11 +40,11 @@ class ScanResults:
     scanner: ResultScanner | None = None
     loc: Loc | None = None
 
+    def covers_every_tool(self) -> bool:
+        return len(self.tools) == 1 and self.tools[0].text == "**"     # the default
+
     def covers_tool(self, name: str) -> bool:
-        tools = self.tools
-        if len(tools) == 1 and tools[0].text == "**":     # the default: every tool
-            return True
-        return any(g.regex.fullmatch(name) for g in tools)
+        return self.covers_every_tool() or any(g.regex.fullmatch(name) for g in self.tools)
 
     def covers_resource(self, uri: str) -> bool:
         return any(g.regex.fullmatch(uri) for g in self.resources)

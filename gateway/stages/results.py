@@ -59,7 +59,7 @@ class Results:
     def check(self, ex: "Exchange") -> Awaitable[None] | None:
         hook = self._hooks.get(ex.server.name)
         if hook is not None and (
-                (ex.method == "tools/call" and hook.cfg.covers_tool(ex.name or ""))
+                (ex.method == "tools/call" and (hook.every_tool or hook.cfg.covers_tool(ex.name or "")))
                 or (ex.method == "resources/read" and hook.cfg.covers_resource(ex.name or ""))):
             ex.response_hooks.append(hook)
         return None
@@ -71,11 +71,12 @@ class Results:
 class _Hook:
     """Scans one message; ``readonly``: a message it changes is a new dict (see response.py)."""
 
-    __slots__ = ("cfg",)
+    __slots__ = ("cfg", "every_tool")
     readonly = True
 
     def __init__(self, cfg: "ScanResults") -> None:
         self.cfg = cfg
+        self.every_tool = cfg.covers_every_tool()
 
     def __call__(self, ex: "Exchange", message: dict[str, Any]) -> dict[str, Any]:
         if "method" in message:           # a notification or a server request on the stream
