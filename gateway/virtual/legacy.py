@@ -32,7 +32,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import orjson
 import structlog
@@ -59,6 +59,7 @@ security = structlog.get_logger("gateway.security")
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
 META_ORIGIN = "io.mcpgw/origin"
 _INIT_ID = "mcpgw-virtual-init"
+_RELAYS_MAX = 100_000        # one per (virtual session, origin) this replica served; the oldest go first
 _CAPABILITIES = {"tools": {"listChanged": True}, "prompts": {"listChanged": True},
                  "resources": {"listChanged": True, "subscribe": True}, "completions": {}, "logging": {}}
 
@@ -73,8 +74,12 @@ class LegacyVirtual:
         self._sessions = sessions
         self._session = session              # the session stage's check: binds ex.session
         self._opening: dict[tuple[str, str], asyncio.Future[Any]] = {}
-        # (virtual session, the client's request id as JSON) -> the sub-exchange running it
-        self._running: dict[tuple[str, bytes], "Exchange"] = {}
+        # (virtual session, origin) -> its relay hook, made once per session and origin (``bind``)
+        self._relays: dict[tuple[str, str], Relay] = {}
+        # (virtual session, the client's request id) -> the sub-exchange running it.  Request ids
+        # are strings or integers (codec.py; never bools), and no string equals an integer, so the
+        # id itself is the key: equal keys are the same id in JSON.
+        self._running: dict[tuple[str, str | int], "Exchange"] = {}
         self._streams = Streams(self, router, self._ids, event_ids, open_stream, path, event_limit)
 
     async def run(self, ex: "Exchange", vs: "VirtualServerConfig") -> web.StreamResponse:
@@ -108,16 +113,16 @@ class LegacyVirtual:
             return await self._set_level(ex, vs)
         return await self._router.request(ex, vs)
 
-    def running(self, ex: "Exchange", sub: "Exchange") -> tuple[str, bytes]:
+    def running(self, ex: "Exchange", sub: "Exchange") -> tuple[str, str | int]:
         """``sub`` runs the client's request: until ``done``, a ``notifications/cancelled`` naming the
         client's request id goes straight to its origin (one that reaches another replica goes to
         every open origin: ``_cancel``)."""
         assert ex.session is not None
-        key = (ex.session.id, orjson.dumps(ex.rpc_id))
+        key = (ex.session.id, ex.rpc_id)
         self._running[key] = sub
         return key
 
-    def done(self, key: tuple[str, bytes], sub: "Exchange") -> None:
+    def done(self, key: tuple[str, str | int], sub: "Exchange") -> None:
         if self._running.get(key) is sub:
             del self._running[key]
 
@@ -127,7 +132,7 @@ class LegacyVirtual:
         request_id = params.get("requestId") if isinstance(params, dict) else None
         if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
             return
-        running = self._running.get((ex.session.id, orjson.dumps(request_id)))
+        running = self._running.get((ex.session.id, request_id))
         if running is not None:
             sub = self._router.sub(ex, vs, running.server.name, "notifications/cancelled", dict(params), rpc_id=None)
             sub.session, sub.upstream_session_id = running.session, running.upstream_session_id
@@ -158,7 +163,9 @@ class LegacyVirtual:
 
         async def one(origin: str) -> int:
             sub = self._router.sub(ex, vs, origin, "logging/setLevel", params if isinstance(params, dict) else {})
-            await self.bind(ex, vs, sub, hook=False)
+            pending = self.bind(ex, vs, sub, hook=False)
+            if pending is not None:
+                await pending
             resp = await self._router.call_origin(sub, self._post)
             body = resp.body if isinstance(resp, web.Response) else None
             return resp.status if isinstance(body, bytes) and b'"result"' in body else 0
@@ -186,16 +193,32 @@ class LegacyVirtual:
 
     # -- origin sessions ------------------------------------------------------------
 
-    async def bind(self, ex: "Exchange", vs: "VirtualServerConfig", sub: "Exchange", *, hook: bool = True) -> None:
-        """Give ``sub`` its origin's upstream session (opened now if needed) and the id-rewriting hook."""
-        rec = self._cached(ex, sub.server.name)       # every call but a session's first to an origin
+    def bind(self, ex: "Exchange", vs: "VirtualServerConfig", sub: "Exchange", *,
+             hook: bool = True) -> Awaitable[None] | None:
+        """Give ``sub`` its origin's upstream session and the id-rewriting hook: at once (None)
+        when this replica's caches hold the session (every call but a session's first to an
+        origin), else an awaitable that finds or opens it first."""
+        rec = self._cached(ex, sub.server.name)
         if rec is None:
-            rec = await self.origin_session(ex, vs, sub.server.name)
+            return self._bind_opened(ex, vs, sub, hook)
+        self._bind(ex, sub, rec, hook)
+        return None
+
+    async def _bind_opened(self, ex: "Exchange", vs: "VirtualServerConfig", sub: "Exchange", hook: bool) -> None:
+        self._bind(ex, sub, await self.origin_session(ex, vs, sub.server.name), hook)
+
+    def _bind(self, ex: "Exchange", sub: "Exchange", rec: "SessionRecord", hook: bool) -> None:
         self.attach(ex, sub, rec)
         if hook:
             # Registered before the origin's stages register theirs: it runs last on the way
             # back, after the origin's hooks saw the origin's own message.
-            sub.response_hooks.append(self.hook(ex, sub.server.name))
+            assert ex.session is not None
+            relay = self._relays.get((ex.session.id, rec.server))
+            if relay is None:
+                relay = self._relays[(ex.session.id, rec.server)] = self.hook(ex, rec.server)
+                if len(self._relays) > _RELAYS_MAX:
+                    del self._relays[next(iter(self._relays))]      # the oldest
+            sub.response_hooks.append(relay)
 
     @staticmethod
     def attach(ex: "Exchange", sub: "Exchange", rec: "SessionRecord") -> None:
@@ -210,28 +233,10 @@ class LegacyVirtual:
         assert ex.session is not None
         sub.response_headers = {**(sub.response_headers or {}), "Mcp-Session-Id": ex.session.id}
 
-    def hook(self, ex: "Exchange", origin: str) -> Callable[["Exchange", dict[str, Any]], dict[str, Any]]:
+    def hook(self, ex: "Exchange", origin: str) -> "Relay":
+        """The hook relaying ``origin``'s messages to the client's session (``Relay``)."""
         assert ex.session is not None
-        sid, principal = ex.session.id, ex.principal.key
-        ids = self._ids
-
-        def relay(_sub: "Exchange", msg: dict[str, Any]) -> dict[str, Any]:
-            # Never changes ``msg`` in place (``readonly``): a changed message is a new value, so an
-            # answer relayed unchanged (the common case) is not serialised again.
-            method = msg.get("method")
-            if method is None:
-                return msg
-            if "id" in msg:           # a server-to-client request: the client answers the gateway's id
-                return {**msg, "id": ids.request_id(sid, principal, origin, msg["id"])}
-            params = msg.get("params")
-            if method == "notifications/message" and isinstance(params, dict):
-                meta = params.get("_meta")
-                return {**msg, "params": {**params, "_meta": {**(meta if isinstance(meta, dict) else {}),
-                                                               META_ORIGIN: origin}}}
-            return msg
-
-        relay.readonly = True  # type: ignore[attr-defined]
-        return relay
+        return Relay(self._ids, ex.session.id, ex.principal.key, origin)
 
     def _cached(self, ex: "Exchange", origin: str) -> "SessionRecord | None":
         """``existing``'s answer when both lookups hit this replica's caches (no awaiting), else None."""
@@ -333,6 +338,8 @@ class LegacyVirtual:
             if isinstance(failure, BaseException):   # best effort: the upstream's idle expiry is the backstop
                 log.warning("virtual.origin_end_failed", virtual=vs.name, error=type(failure).__name__)
         await self._sessions.end(ex.session.id, tuple(inc.server for inc in vs.includes))
+        for inc in vs.includes:
+            self._relays.pop((ex.session.id, inc.server), None)
         BOUND.get(SESSIONS, vs.name, "deleted").inc()
         ex.status = 200
         return web.Response(status=200)
@@ -356,6 +363,36 @@ class LegacyVirtual:
         self.attach(ex, sub, rec)
         sub.extra_upstream_headers["Mcp-Method"] = None
         return await self._router.call_origin(sub, self._router.forward)
+
+
+class Relay:
+    """A sub-exchange's response hook for messages relayed from ``origin`` to one client session:
+    a server-to-client request gets an id of the gateway's (the client answers that id), a
+    logging message its origin in ``_meta``.  One per (virtual session, origin), shared by every
+    call of that session to that origin: it keeps nothing per call.
+
+    Never changes a message in place (``readonly``): a changed message is a new value, so an
+    answer relayed unchanged (the common case) is not serialised again (response.py)."""
+
+    __slots__ = ("_ids", "_sid", "_principal", "_origin")
+    readonly = True
+
+    def __init__(self, ids: VirtualIds, sid: str, principal: str, origin: str) -> None:
+        self._ids, self._sid, self._principal, self._origin = ids, sid, principal, origin
+
+    def __call__(self, _sub: "Exchange", msg: dict[str, Any]) -> dict[str, Any]:
+        method = msg.get("method")
+        if method is None:
+            return msg
+        if "id" in msg:
+            return {**msg, "id": self._ids.request_id(self._sid, self._principal, self._origin, msg["id"])}
+        params = msg.get("params")
+        if method == "notifications/message" and isinstance(params, dict):
+            meta = params.get("_meta")
+            return {**msg, "params": {**params, "_meta": {**(meta if isinstance(meta, dict) else {}),
+                                                           META_ORIGIN: self._origin}}}
+        return msg
+
 
 _POST_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 

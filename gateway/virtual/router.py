@@ -119,9 +119,13 @@ class VirtualRouter:
     async def request(self, ex: Exchange, vs: "VirtualServerConfig") -> web.StreamResponse:
         """A client request (either era, the session already bound): answered here or routed."""
         method = ex.method
-        modern = ex.era == MODERN
+        if method in _NAMED:                  # tools/call and prompts/get: the common case first
+            inc, original = self._by_name(vs, method, ex.name or "")
+            params = params_of(ex)
+            params["name"] = original
+            return await self._route(ex, vs, inc, method, params, original)
         if method == "ping":
-            return self.answer(ex, {"resultType": "complete"} if modern else {})
+            return self.answer(ex, {"resultType": "complete"} if ex.era == MODERN else {})
         if method in LISTS:
             return self.answer(ex, await self.lists.merged(ex, vs, method))
         params = params_of(ex)
@@ -135,10 +139,6 @@ class VirtualRouter:
                 inc = await self.lists.route_uri(ex, vs, ref["uri"])
                 return await self._route(ex, vs, inc, method, params, ref["uri"], (RESOURCES, ref["uri"]))
             raise BadRequest("params.ref must name a prompt or a resource", reason="invalid_params")
-        if method in _NAMED:
-            inc, original = self._by_name(vs, method, ex.name or "")
-            params["name"] = original
-            return await self._route(ex, vs, inc, method, params, original)
         if method in _BY_URI:
             uri = params.get("uri")
             if not isinstance(uri, str):
@@ -186,7 +186,9 @@ class VirtualRouter:
 
         async def body(sub: Exchange) -> web.StreamResponse:
             if sub.era != MODERN:
-                await legacy.bind(ex, vs, sub)
+                pending = legacy.bind(ex, vs, sub)
+                if pending is not None:
+                    await pending
             trace = sub.trace
             if trace is not None and trace.spans is not None:
                 return await self._recorded(ex, vs, sub, trace, method, published, inc.server, target, decided)
