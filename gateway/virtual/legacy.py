@@ -214,7 +214,10 @@ class LegacyVirtual:
              hook: bool = True) -> Awaitable[None] | None:
         """Give ``sub`` its origin's upstream session and the id-rewriting hook: at once (None)
         when this replica's caches still hold the session its route was made for (every call
-        but a session's first to an origin), else an awaitable that finds or opens it first."""
+        but a session's first to an origin), else an awaitable that finds or opens it first.
+
+        The hook is registered before the origin's stages register theirs: it runs last on the
+        way back, after the origin's hooks saw the origin's own message."""
         assert ex.session is not None
         key = (ex.session.id, sub.server.name)
         route = self._routes.get(key)
