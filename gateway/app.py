@@ -237,8 +237,10 @@ class Gateway:
 
         Virtual servers call it once for their own exchange and once per sub-exchange to an origin."""
         audit.start(ex)
-        trace = ex.trace                  # a virtual server's sub-exchange comes with its parent's child
-        if trace is None:
+        trace = ex.trace
+        if trace is None and ex.via is None:
+            # A virtual server's sub-exchange (``via``) comes with its parent's child, or with
+            # none when the parent has none (the same request: begin would find none either).
             trace = ex.trace = self.tracer.begin(ex)
         try:
             if run is not None:

@@ -69,28 +69,31 @@ def _connection_tokens(headers: Any) -> frozenset[str]:
 
 
 _NAME = itemgetter(0)
-_LOWER_NAMES: dict[tuple[str, ...], dict[str, str]] = {}
+# (the client's header names, the gateway's extra names) -> the client's headers they replace
+_CLASHES: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[str, ...]] = {}
 
 
 def _apply_extra(out: dict[str, str], extra: dict[str, str | None]) -> None:
     """The gateway's own headers over the client's, whatever the client's case (Mcp-Name);
-    None: not sent at all.  The lower-case map is memoised per sequence of names (clients
-    repeat theirs)."""
-    keys = tuple(out)
-    names = _LOWER_NAMES.get(keys)
-    if names is None:
-        names = {k.lower(): k for k in keys}
+    None: not sent at all.  Which client headers they replace is memoised per sequence of
+    names (clients repeat theirs, and the gateway's are a few fixed sets)."""
+    key = (tuple(out), tuple(extra))
+    clashes = _CLASHES.get(key)
+    if clashes is None:
+        names = {k.lower(): k for k in key[0]}
+        clashes = tuple(dict.fromkeys(names[n] for n in map(str.lower, key[1]) if n in names))
         # Names are client text (Mcp-Param-*): only short sets are kept, and at most 256 of them.
-        if len(keys) <= 24 and max(map(len, keys), default=0) <= 64:
-            if len(_LOWER_NAMES) >= 256:
-                _LOWER_NAMES.clear()
-            _LOWER_NAMES[keys] = names
-    for name, value in extra.items():
-        other = names.get(name.lower())
-        if other is not None:
-            out.pop(other, None)
-        if value is not None:
-            out[name] = value
+        if len(key[0]) <= 24 and max(map(len, key[0]), default=0) <= 64:
+            if len(_CLASHES) >= 256:
+                _CLASHES.clear()
+            _CLASHES[key] = clashes
+    for other in clashes:
+        del out[other]
+    out.update(extra)                 # after the client's, in the gateway's order
+    if None in extra.values():
+        for name, value in extra.items():
+            if value is None:
+                del out[name]
 Pairs = Sequence[tuple[str, str]]
 
 

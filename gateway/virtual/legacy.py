@@ -32,7 +32,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import orjson
 import structlog
@@ -59,6 +60,7 @@ security = structlog.get_logger("gateway.security")
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
 META_ORIGIN = "io.mcpgw/origin"
 _INIT_ID = "mcpgw-virtual-init"
+_ROUTES_MAX = 100_000        # one per (virtual session, origin) this replica served; the oldest go first
 _CAPABILITIES = {"tools": {"listChanged": True}, "prompts": {"listChanged": True},
                  "resources": {"listChanged": True, "subscribe": True}, "completions": {}, "logging": {}}
 
@@ -73,51 +75,71 @@ class LegacyVirtual:
         self._sessions = sessions
         self._session = session              # the session stage's check: binds ex.session
         self._opening: dict[tuple[str, str], asyncio.Future[Any]] = {}
-        # (virtual session, the client's request id as JSON) -> the sub-exchange running it
-        self._running: dict[tuple[str, bytes], "Exchange"] = {}
+        # (virtual session, origin) -> what bind gives each of its calls (``OriginRoute``)
+        self._routes: dict[tuple[str, str], OriginRoute] = {}
+        # (virtual session, the client's request id) -> the sub-exchange running it.  Request ids
+        # are strings or integers (codec.py; never bools), and no string equals an integer, so the
+        # id itself is the key: equal keys are the same id in JSON.
+        self._running: dict[tuple[str, str | int], "Exchange"] = {}
         self._streams = Streams(self, router, self._ids, event_ids, open_stream, path, event_limit)
 
-    async def run(self, ex: "Exchange", vs: "VirtualServerConfig") -> web.StreamResponse:
+    def run(self, ex: "Exchange", vs: "VirtualServerConfig") -> Awaitable[web.StreamResponse]:
+        """The awaitable answering ``ex`` (a routed call's is the router's: one coroutine frame
+        less on every resume)."""
         req = ex.request
         sid = req.headers.get("Mcp-Session-Id")
         if req.method == "POST" and ex.method == "initialize":
             if sid is not None:
                 raise BadRequest("this session is already initialized", reason="session_exists")
-            return await self._initialize(ex, vs)
+            return self._initialize(ex, vs)
         if sid is None:
             raise BadRequest("Mcp-Session-Id is required: initialize a session first", reason="session_required")
         pending = self._session(ex)
         if pending is not None:
-            await pending
-        if req.method == "DELETE":
-            return await self._delete(ex, vs)
-        if req.method == "GET":
-            return await self._streams.get(ex, vs)
-        if req.method != "POST":
+            return self._in_session(ex, vs, pending)
+        return self._dispatch(ex, vs)
+
+    async def _in_session(self, ex: "Exchange", vs: "VirtualServerConfig",
+                          pending: Awaitable[None]) -> web.StreamResponse:
+        """``run`` when the session had to be read from the store."""
+        await pending
+        return await self._dispatch(ex, vs)
+
+    def _dispatch(self, ex: "Exchange", vs: "VirtualServerConfig") -> Awaitable[web.StreamResponse]:
+        """The awaitable answering ``ex`` in its (bound) session."""
+        method = ex.request.method
+        if method == "POST" and ex.is_request:      # the common case first (a request has a method)
+            if ex.method == "logging/setLevel":
+                return self._set_level(ex, vs)
+            return self._router.request(ex, vs)
+        if method == "DELETE":
+            return self._delete(ex, vs)
+        if method == "GET":
+            return self._streams.get(ex, vs)
+        if method != "POST":
             raise MethodNotAllowed("use GET, POST or DELETE", headers={"Allow": "GET, POST, DELETE"})
         if ex.method is None:
-            return await self._client_answer(ex, vs)
-        if not ex.is_request:
-            if ex.method == "notifications/roots/list_changed":
-                await self._to_open_origins(ex, vs)
-            elif ex.method == "notifications/cancelled":
-                await self._cancel(ex, vs)
-            ex.status = 202                   # other client notifications: nothing to route
-            return web.Response(status=202)
-        if ex.method == "logging/setLevel":
-            return await self._set_level(ex, vs)
-        return await self._router.request(ex, vs)
+            return self._client_answer(ex, vs)
+        return self._notification(ex, vs)
 
-    def running(self, ex: "Exchange", sub: "Exchange") -> tuple[str, bytes]:
+    async def _notification(self, ex: "Exchange", vs: "VirtualServerConfig") -> web.Response:
+        if ex.method == "notifications/roots/list_changed":
+            await self._to_open_origins(ex, vs)
+        elif ex.method == "notifications/cancelled":
+            await self._cancel(ex, vs)
+        ex.status = 202                   # other client notifications: nothing to route
+        return web.Response(status=202)
+
+    def running(self, ex: "Exchange", sub: "Exchange") -> tuple[str, str | int]:
         """``sub`` runs the client's request: until ``done``, a ``notifications/cancelled`` naming the
         client's request id goes straight to its origin (one that reaches another replica goes to
         every open origin: ``_cancel``)."""
         assert ex.session is not None
-        key = (ex.session.id, orjson.dumps(ex.rpc_id))
+        key = (ex.session.id, ex.rpc_id)
         self._running[key] = sub
         return key
 
-    def done(self, key: tuple[str, bytes], sub: "Exchange") -> None:
+    def done(self, key: tuple[str, str | int], sub: "Exchange") -> None:
         if self._running.get(key) is sub:
             del self._running[key]
 
@@ -127,7 +149,7 @@ class LegacyVirtual:
         request_id = params.get("requestId") if isinstance(params, dict) else None
         if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
             return
-        running = self._running.get((ex.session.id, orjson.dumps(request_id)))
+        running = self._running.get((ex.session.id, request_id))
         if running is not None:
             sub = self._router.sub(ex, vs, running.server.name, "notifications/cancelled", dict(params), rpc_id=None)
             sub.session, sub.upstream_session_id = running.session, running.upstream_session_id
@@ -158,7 +180,9 @@ class LegacyVirtual:
 
         async def one(origin: str) -> int:
             sub = self._router.sub(ex, vs, origin, "logging/setLevel", params if isinstance(params, dict) else {})
-            await self.bind(ex, vs, sub, hook=False)
+            pending = self.bind(ex, vs, sub, hook=False)
+            if pending is not None:
+                await pending
             resp = await self._router.call_origin(sub, self._post)
             body = resp.body if isinstance(resp, web.Response) else None
             return resp.status if isinstance(body, bytes) and b'"result"' in body else 0
@@ -186,16 +210,38 @@ class LegacyVirtual:
 
     # -- origin sessions ------------------------------------------------------------
 
-    async def bind(self, ex: "Exchange", vs: "VirtualServerConfig", sub: "Exchange", *, hook: bool = True) -> None:
-        """Give ``sub`` its origin's upstream session (opened now if needed) and the id-rewriting hook."""
-        rec = self._cached(ex, sub.server.name)       # every call but a session's first to an origin
-        if rec is None:
-            rec = await self.origin_session(ex, vs, sub.server.name)
+    def bind(self, ex: "Exchange", vs: "VirtualServerConfig", sub: "Exchange", *,
+             hook: bool = True) -> Awaitable[None] | None:
+        """Give ``sub`` its origin's upstream session and the id-rewriting hook: at once (None)
+        when this replica's caches still hold the session its route was made for (every call
+        but a session's first to an origin), else an awaitable that finds or opens it first.
+
+        The hook is registered before the origin's stages register theirs: it runs last on the
+        way back, after the origin's hooks saw the origin's own message."""
+        assert ex.session is not None
+        key = (ex.session.id, sub.server.name)
+        route = self._routes.get(key)
+        # The same record object: still cached and fresh, and checked when the route was made.
+        if route is None or self._sessions.cached_record(*key) is not route.rec:
+            return self._bind_found(ex, vs, sub, key, hook)
+        self.attach(ex, sub, route.rec)
+        if hook:
+            sub.response_hooks.append(route.relay)
+        return None
+
+    async def _bind_found(self, ex: "Exchange", vs: "VirtualServerConfig", sub: "Exchange",
+                          key: tuple[str, str], hook: bool) -> None:
+        rec = await self.origin_session(ex, vs, sub.server.name)
+        route = self._routes.get(key)
+        if route is None or route.rec is not rec:
+            route = OriginRoute(rec, self.hook(ex, rec.server))
+            if rec.id:                      # a sessionless origin's record is made per call
+                self._routes[key] = route
+                if len(self._routes) > _ROUTES_MAX:
+                    del self._routes[next(iter(self._routes))]      # the oldest
         self.attach(ex, sub, rec)
         if hook:
-            # Registered before the origin's stages register theirs: it runs last on the way
-            # back, after the origin's hooks saw the origin's own message.
-            sub.response_hooks.append(self.hook(ex, sub.server.name))
+            sub.response_hooks.append(route.relay)
 
     @staticmethod
     def attach(ex: "Exchange", sub: "Exchange", rec: "SessionRecord") -> None:
@@ -205,44 +251,17 @@ class LegacyVirtual:
             version = rec.protocol_version  # the version this origin negotiated (MCP-Protocol-Version)
             if version:
                 sub.protocol_version = version
-                if ex.request.headers.get("MCP-Protocol-Version") != version:   # else the client's says it
+                # ex.protocol_version is the client's MCP-Protocol-Version (the parse stage's): when
+                # it names this version already, the client's header says it.
+                if ex.protocol_version != version:
                     sub.extra_upstream_headers["MCP-Protocol-Version"] = version
         assert ex.session is not None
         sub.response_headers = {**(sub.response_headers or {}), "Mcp-Session-Id": ex.session.id}
 
-    def hook(self, ex: "Exchange", origin: str) -> Callable[["Exchange", dict[str, Any]], dict[str, Any]]:
+    def hook(self, ex: "Exchange", origin: str) -> "Relay":
+        """The hook relaying ``origin``'s messages to the client's session (``Relay``)."""
         assert ex.session is not None
-        sid, principal = ex.session.id, ex.principal.key
-        ids = self._ids
-
-        def relay(_sub: "Exchange", msg: dict[str, Any]) -> dict[str, Any]:
-            # Never changes ``msg`` in place (``readonly``): a changed message is a new value, so an
-            # answer relayed unchanged (the common case) is not serialised again.
-            method = msg.get("method")
-            if method is None:
-                return msg
-            if "id" in msg:           # a server-to-client request: the client answers the gateway's id
-                return {**msg, "id": ids.request_id(sid, principal, origin, msg["id"])}
-            params = msg.get("params")
-            if method == "notifications/message" and isinstance(params, dict):
-                meta = params.get("_meta")
-                return {**msg, "params": {**params, "_meta": {**(meta if isinstance(meta, dict) else {}),
-                                                               META_ORIGIN: origin}}}
-            return msg
-
-        relay.readonly = True  # type: ignore[attr-defined]
-        return relay
-
-    def _cached(self, ex: "Exchange", origin: str) -> "SessionRecord | None":
-        """``existing``'s answer when both lookups hit this replica's caches (no awaiting), else None."""
-        assert ex.session is not None
-        mount_sid = self._sessions.cached_origin(ex.session.id, origin)
-        if mount_sid is None or mount_sid == SESSIONLESS:
-            return None
-        rec = self._sessions.sessions.cached(mount_sid)
-        if rec is not None and rec.server == origin and rec.principal == ex.principal.key:
-            return rec
-        return None
+        return Relay(self._ids, ex.session.id, ex.principal.key, origin)
 
     async def existing(self, ex: "Exchange", origin: str) -> "SessionRecord | None":
         """``origin``'s session for the client's virtual session, if one is open."""
@@ -333,6 +352,8 @@ class LegacyVirtual:
             if isinstance(failure, BaseException):   # best effort: the upstream's idle expiry is the backstop
                 log.warning("virtual.origin_end_failed", virtual=vs.name, error=type(failure).__name__)
         await self._sessions.end(ex.session.id, tuple(inc.server for inc in vs.includes))
+        for inc in vs.includes:
+            self._routes.pop((ex.session.id, inc.server), None)
         BOUND.get(SESSIONS, vs.name, "deleted").inc()
         ex.status = 200
         return web.Response(status=200)
@@ -356,6 +377,47 @@ class LegacyVirtual:
         self.attach(ex, sub, rec)
         sub.extra_upstream_headers["Mcp-Method"] = None
         return await self._router.call_origin(sub, self._router.forward)
+
+
+class Relay:
+    """A sub-exchange's response hook for messages relayed from ``origin`` to one client session:
+    a server-to-client request gets an id of the gateway's (the client answers that id), a
+    logging message its origin in ``_meta``.  One per (virtual session, origin), shared by every
+    call of that session to that origin: it keeps nothing per call.
+
+    Never changes a message in place (``readonly``): a changed message is a new value, so an
+    answer relayed unchanged (the common case) is not serialised again (response.py)."""
+
+    __slots__ = ("_ids", "_sid", "_principal", "_origin")
+    readonly = True
+
+    def __init__(self, ids: VirtualIds, sid: str, principal: str, origin: str) -> None:
+        self._ids, self._sid, self._principal, self._origin = ids, sid, principal, origin
+
+    def __call__(self, _sub: "Exchange", msg: dict[str, Any]) -> dict[str, Any]:
+        method = msg.get("method")
+        if method is None:
+            return msg
+        if "id" in msg:
+            return {**msg, "id": self._ids.request_id(self._sid, self._principal, self._origin, msg["id"])}
+        params = msg.get("params")
+        if method == "notifications/message" and isinstance(params, dict):
+            meta = params.get("_meta")
+            return {**msg, "params": {**params, "_meta": {**(meta if isinstance(meta, dict) else {}),
+                                                           META_ORIGIN: self._origin}}}
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class OriginRoute:
+    """One virtual session's calls to one origin on this replica: the origin's session record
+    (checked to be that origin's and the client's when the route was made) and the relay hook,
+    made once instead of per call.  ``bind`` uses it while this replica's caches return the
+    same record object."""
+
+    rec: "SessionRecord"
+    relay: Relay
+
 
 _POST_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 

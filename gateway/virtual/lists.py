@@ -182,7 +182,9 @@ class Lists:
         sub = router.sub(ex, vs, inc.server, method, params)
 
         async def bind(sub: Exchange) -> None:
-            await router.legacy.bind(ex, vs, sub, hook=False)
+            pending = router.legacy.bind(ex, vs, sub, hook=False)
+            if pending is not None:
+                await pending
 
         async def collect(sub: Exchange) -> web.StreamResponse:
             return await router.collect(sub, "POST")

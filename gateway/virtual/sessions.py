@@ -64,12 +64,13 @@ class VirtualSessions:
             params = {}
         return params if isinstance(params, dict) else {}
 
-    def cached_origin(self, sid: str, origin: str) -> str | None:
-        """What ``origin`` returns at once when this replica's cache has it, else None."""
+    def cached_record(self, sid: str, origin: str) -> "SessionRecord | None":
+        """``origin``'s mount session record when this replica's caches hold both it and the
+        mapping to it (what ``origin`` then ``sessions.get`` return at once), else None."""
         hit = self._cache.get((sid, origin))
-        if hit is not None and hit[1] > time.monotonic():
-            return hit[0]
-        return None
+        if hit is None or hit[0] == SESSIONLESS or hit[1] <= time.monotonic():
+            return None
+        return self.sessions.cached(hit[0])
 
     async def origin(self, sid: str, origin: str) -> str | None:
         """The mount session id holding ``origin``'s upstream session, if one was opened."""
