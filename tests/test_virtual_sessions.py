@@ -190,6 +190,39 @@ async def test_a_cancellation_reaches_the_origin_running_the_call(gw: Gateway, u
     assert sent["headers"]["mcp-session-id"] == running["headers"]["mcp-session-id"]
 
 
+async def test_a_cancellation_naming_a_running_integer_id_as_a_string_is_not_taken_for_it(
+        gw: Gateway, upstreams: dict[str, Upstream]) -> None:
+    # JSON-RPC ids 7 and "7" are different requests.  The gateway's registry of running calls keys
+    # by the id itself, so a cancellation of "7" is not routed as the cancellation of running call
+    # 7: it is not a call this replica runs, so (as one that reached another replica) it goes to
+    # every origin open in the session, as sent.  (What an origin then does is its own: the
+    # Python SDK's server cancels its request 7 on "7", as it would through the origin's mount.)
+    async with http_client() as http:
+        sid, _ = await initialize(http, gw.url("trio"))
+        opened = await post(http, gw.url("trio"), rpc("tools/call", {"name": "b_add", "arguments": {"a": 1, "b": 2}}),
+                            session_id=sid)
+        assert opened.status == 200
+        for up in upstreams.values():
+            up.clear_records()
+        call = rpc("tools/call", {"name": "alpha__slow_progress", "arguments": {"steps": 4, "interval_ms": 100},
+                                  "_meta": {"progressToken": "typed"}})
+        assert isinstance(call["id"], int)
+        headers = {"Accept": ACCEPT, "Content-Type": "application/json", "Mcp-Session-Id": sid,
+                   "MCP-Protocol-Version": LEGACY_VERSION}
+        async with http.post(gw.url("trio"), json=call, headers=headers) as resp:
+            events = read_events(resp)
+            while not ((ev := await next_event(events)).message or {}).get("method") == "notifications/progress":
+                pass
+            cancel = rpc("notifications/cancelled", {"requestId": str(call["id"]), "reason": "typed"}, id=None)
+            note = await post(http, gw.url("trio"), cancel, session_id=sid)
+            assert note.status == 202
+            while ((await next_event(events)).message or {}).get("id") != call["id"]:   # the answer
+                pass
+    for name in ("alpha", "beta"):
+        sent = upstreams[name].records("notifications/cancelled")
+        assert [r["body"]["params"]["requestId"] for r in sent] == [str(call["id"])], name
+
+
 async def test_when_an_origin_ends_its_stream_the_merged_stream_ends_and_a_reconnect_loses_nothing(
         gw: Gateway) -> None:
     async with http_client() as http:

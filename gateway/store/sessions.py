@@ -56,7 +56,6 @@ class SessionRecord:
 
 
 @functools.lru_cache(maxsize=4096)
-@functools.lru_cache(maxsize=4096)
 def _short(sid: str) -> str:
     # Memoised: every audit record of a session carries it (a SHA-256 each time cost
     # ~4,000 instructions per request).
