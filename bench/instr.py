@@ -87,6 +87,7 @@ async def _wait_http(url: str, timeout: float) -> None:
 ECHO_TEXT = "hello"          # the echo argument; --workload echo-2k: 2 KiB of realistic text
 
 
+MIRROR_HEADERS = False        # --mirror-headers: a 2025-11-25 request carries Mcp-Method/Mcp-Name too
 ERA = "legacy"                # --era modern: 2026-07-28 requests (no session; _meta and Mcp-* headers)
 _MODERN_META = ('"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",'
                 '"io.modelcontextprotocol/clientInfo":{"name":"bench","version":"0"},'
@@ -279,6 +280,11 @@ async def measure(kind: str, upstream: str, work: Path, n: int, conc: int, warmu
                 await sess.preflight(http)
             msg = {"method": "tools/call", "params": {"name": "echo", "arguments": {"text": ECHO_TEXT}}}
             headers = request_headers(msg, sess.session_id, extra)
+            if not MIRROR_HEADERS:
+                # As the SDK clients of 2025-11-25 send it: Mcp-Method and Mcp-Name are headers
+                # of 2026-07-28 (--mirror-headers: sent anyway, as bench.wrk does).
+                headers.pop("Mcp-Method", None)
+                headers.pop("Mcp-Name", None)
         await _load(url, headers, warmup, conc, 1_000_000)
         if profiler == "cprofile":
             proc.send_signal(signal.SIGUSR1)
@@ -399,9 +405,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="the echo argument: 'hello', or 2 KiB of realistic text (bench/wrk.py)")
     ap.add_argument("--era", choices=("legacy", "modern"), default="legacy",
                     help="legacy: 2025-11-25 (a session); modern: 2026-07-28 (sessionless)")
+    ap.add_argument("--mirror-headers", action="store_true",
+                    help="legacy era: send Mcp-Method/Mcp-Name too (2026-07-28 headers; SDK clients of "
+                         "2025-11-25 send neither)")
     args = ap.parse_args(argv)
-    global ERA
-    ERA = args.era
+    global ERA, MIRROR_HEADERS
+    ERA, MIRROR_HEADERS = args.era, args.mirror_headers
     if args.workload == "echo-2k":
         from .wrk import WORKLOADS
         global ECHO_TEXT
