@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import statistics
 import sys
@@ -97,6 +98,10 @@ def _legacy_request(method: str, params: dict[str, Any], sid: str) -> tuple[byte
                   "MCP-Protocol-Version": LEGACY, "Mcp-Session-Id": sid}
 
 
+_ID_1 = b'"id":1,'                         # the id of every body built below, replaced per request
+_IDS = itertools.count(2)
+
+
 def _request(method: str, params: dict[str, Any], name: str | None) -> tuple[bytes, dict[str, str]]:
     body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": {**params, "_meta": _META}})
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
@@ -111,10 +116,15 @@ async def _round(http: aiohttp.ClientSession, url: str, body: bytes, headers: di
     """(gateway CPU seconds per request, latencies) of ``n`` requests at ``concurrency``."""
     latencies: list[float] = []
 
+    assert _ID_1 in body
+
     async def worker(count: int) -> None:
         for _ in range(count):
+            # A fresh id each request: a 2025-11-25 session must not reuse one (MCP), and the
+            # gateway's cancellation registry holds each running call by its id.
+            data = body.replace(_ID_1, b'"id":%d,' % next(_IDS), 1)
             t0 = time.perf_counter()
-            async with http.post(url, data=body, headers=headers) as resp:
+            async with http.post(url, data=data, headers=headers) as resp:
                 payload = await resp.read()
             latencies.append(time.perf_counter() - t0)
             if resp.status != 200 or b'"result"' not in payload:
