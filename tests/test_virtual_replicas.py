@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import Factory
 from tests.support.components import Everything, Gateway, Upstream
 from tests.support.gw_helpers import (
-    ACCEPT, LEGACY_VERSION, http_client, initialize, next_event, post, read_events, rpc, with_policy,
+    ACCEPT, LEGACY_VERSION, call_in_progress, http_client, initialize, next_event, post, read_events, rpc, with_policy,
 )
 
 
@@ -168,11 +168,7 @@ async def test_a_cancellation_sent_to_the_other_replica_stops_the_call_at_its_or
     call = rpc("tools/call", {"name": "alpha__slow_progress", "arguments": {"steps": 100, "interval_ms": 50},
                               "_meta": {"progressToken": "long"}})
     seen: list[Any] = []
-    async with http.post(a.url("duo"), json=call, headers=_headers(sid)) as resp:
-        assert resp.status == 200 and resp.content_type == "text/event-stream"
-        events = read_events(resp)
-        while not ((ev := await next_event(events)).message or {}).get("method") == "notifications/progress":
-            pass
+    async with call_in_progress(http, a.url("duo"), sid, call) as events:
         cancel = rpc("notifications/cancelled", {"requestId": call["id"], "reason": "enough"}, id=None)
         note = await post(http, b.url("duo"), cancel, session_id=sid)
         assert note.status == 202

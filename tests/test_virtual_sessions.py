@@ -21,8 +21,8 @@ from tests.support.clients import (
 )
 from tests.support.components import Everything, Gateway, Upstream, start_everything
 from tests.support.gw_helpers import (
-    ACCEPT, LEGACY_VERSION, Stack, http_client, initialize, post, read_events, request, rpc, stack,  # noqa: F401
-    next_event,
+    LEGACY_VERSION, Stack, http_client, initialize, post, read_events, request, rpc, stack,  # noqa: F401
+    call_in_progress, next_event,
 )
 
 
@@ -175,12 +175,7 @@ async def test_a_cancellation_reaches_the_origin_running_the_call(gw: Gateway, u
         sid, _ = await initialize(http, gw.url("trio"))
         call = rpc("tools/call", {"name": "alpha__slow_progress", "arguments": {"steps": 100, "interval_ms": 100},
                                   "_meta": {"progressToken": "long"}})
-        headers = {"Accept": ACCEPT, "Content-Type": "application/json", "Mcp-Session-Id": sid,
-                   "MCP-Protocol-Version": LEGACY_VERSION}
-        async with http.post(gw.url("trio"), json=call, headers=headers) as resp:
-            events = read_events(resp)
-            while not ((ev := await next_event(events)).message or {}).get("method") == "notifications/progress":
-                pass
+        async with call_in_progress(http, gw.url("trio"), sid, call):
             cancel = rpc("notifications/cancelled", {"requestId": call["id"], "reason": "enough"}, id=None)
             note = await post(http, gw.url("trio"), cancel, session_id=sid)
             assert note.status == 202
@@ -207,12 +202,7 @@ async def test_a_cancellation_naming_a_running_integer_id_as_a_string_is_not_tak
         call = rpc("tools/call", {"name": "alpha__slow_progress", "arguments": {"steps": 4, "interval_ms": 100},
                                   "_meta": {"progressToken": "typed"}})
         assert isinstance(call["id"], int)
-        headers = {"Accept": ACCEPT, "Content-Type": "application/json", "Mcp-Session-Id": sid,
-                   "MCP-Protocol-Version": LEGACY_VERSION}
-        async with http.post(gw.url("trio"), json=call, headers=headers) as resp:
-            events = read_events(resp)
-            while not ((ev := await next_event(events)).message or {}).get("method") == "notifications/progress":
-                pass
+        async with call_in_progress(http, gw.url("trio"), sid, call) as events:
             cancel = rpc("notifications/cancelled", {"requestId": str(call["id"]), "reason": "typed"}, id=None)
             note = await post(http, gw.url("trio"), cancel, session_id=sid)
             assert note.status == 202

@@ -16,7 +16,7 @@ from gateway.auth.devissuer import DevIssuer
 from tests.conftest import Factory
 from tests.support.components import Gateway, Upstream
 from tests.support.gw_helpers import (
-    ACCEPT, LEGACY_VERSION, http_client, initialize, next_event, post, read_events, rpc, with_policy,
+    ACCEPT, LEGACY_VERSION, call_in_progress, http_client, initialize, next_event, post, read_events, rpc, with_policy,
 )
 
 
@@ -98,10 +98,17 @@ async def test_a_session_presented_by_another_principal_is_404_and_reaches_no_or
     alice, mallory = bearer(dev, gw, "alice"), bearer(dev, gw, "mallory")
     async with http_client() as http:
         sid, _ = await initialize(http, gw.url("team"), alice)
+        # Alice's call opens the origin session and warms this replica's route to it (legacy.py
+        # OriginRoute): Mallory's call naming her session must not ride it.
+        warm = await post(http, gw.url("team"), rpc("tools/call", {"name": "alpha__echo",
+                                                                   "arguments": {"message": "a"}}),
+                          alice, session_id=sid)
+        assert warm.status == 200 and "result" in warm.messages[-1]
         before = len(up.records())
         start = len(gw.log_lines())
-        for method in ("tools/list", "ping"):
-            stolen = await post(http, gw.url("team"), rpc(method), mallory, session_id=sid)
+        for msg in (rpc("tools/list"), rpc("ping"),
+                    rpc("tools/call", {"name": "alpha__echo", "arguments": {"message": "m"}})):
+            stolen = await post(http, gw.url("team"), msg, mallory, session_id=sid)
             assert (stolen.status, stolen.error_reason) == (404, "session_principal_mismatch")
         async with http.get(gw.url("team"), headers={"Accept": "text/event-stream", "Mcp-Session-Id": sid,
                                                      **mallory}) as resp:
@@ -182,12 +189,7 @@ async def test_another_principals_cancellation_of_a_running_call_is_404_and_reac
         sid, _ = await initialize(http, gw.url("team"), alice)
         call = rpc("tools/call", {"name": "alpha__slow_progress", "arguments": {"steps": 40, "interval_ms": 50},
                                   "_meta": {"progressToken": "p"}})
-        headers = {"Accept": ACCEPT, "Content-Type": "application/json", "Mcp-Session-Id": sid,
-                   "MCP-Protocol-Version": LEGACY_VERSION, **alice}
-        async with http.post(gw.url("team"), json=call, headers=headers) as resp:
-            events = read_events(resp)
-            while not ((ev := await next_event(events)).message or {}).get("method") == "notifications/progress":
-                pass
+        async with call_in_progress(http, gw.url("team"), sid, call, **alice) as events:
             for request_id in (call["id"], "not-running"):
                 cancel = rpc("notifications/cancelled", {"requestId": request_id}, id=None)
                 stolen = await post(http, gw.url("team"), cancel, mallory, session_id=sid)

@@ -202,6 +202,21 @@ async def next_event(events: AsyncIterator[Event], timeout: float = EVENT_TIMEOU
     return await asyncio.wait_for(anext(events), timeout)
 
 
+@asynccontextmanager
+async def call_in_progress(http: aiohttp.ClientSession, url: str, sid: str, call: dict[str, Any],
+                           **headers: str) -> AsyncIterator[AsyncIterator[Event]]:
+    """POST ``call`` (a tools/call that reports progress) in 2025-11-25 session ``sid``; yields its
+    SSE stream once the first progress notification came, i.e. while the call runs."""
+    async with http.post(url, json=call, headers={"Accept": ACCEPT, "Content-Type": "application/json",
+                                                  "Mcp-Session-Id": sid, "MCP-Protocol-Version": LEGACY_VERSION,
+                                                  **headers}) as resp:
+        assert resp.status == 200 and resp.content_type == "text/event-stream", resp.status
+        events = read_events(resp)
+        while ((await next_event(events)).message or {}).get("method") != "notifications/progress":
+            pass
+        yield events
+
+
 # --------------------------------------------------------------------------- policy
 
 # These tests are about the transport, not about policy: every server allows everything.
