@@ -238,6 +238,11 @@ def test_the_coverage_guided_fuzzer_finds_no_crash(target: str, tmp_path: Path) 
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     stats = dict(_STAT.findall(proc.stderr))
     crashes = [p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-"))]
-    assert proc.returncode == 0 and not crashes, (crashes, proc.stderr[-3000:])
+    # libFuzzer prints the finding ("Uncaught Python exception" and its traceback) before its
+    # statistics: show that part, and the input, so a CI failure can be replayed from its log.
+    found = proc.stderr.find("=== Uncaught Python exception")
+    report = proc.stderr[max(found, 0):][:3000] if found >= 0 else proc.stderr[-3000:]
+    inputs = {name: (tmp_path / name).read_bytes()[:400] for name in crashes}
+    assert proc.returncode == 0 and not crashes, (inputs, report)
     assert int(stats.get("number_of_executed_units", 0)) > 0, proc.stderr[-2000:]
     print(f"fuzz {target}: {stats}")

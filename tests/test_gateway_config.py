@@ -86,6 +86,10 @@ CHECK_CASES = [
      (9, 38)),
     ("negative stream limit", BASE + "limits: {max_streams_per_principal: -1}\n", (9, 10)),
     ("stream idle timeout that is not a duration", BASE + "limits: {stream_idle_timeout: soon}\n", (9, 10)),
+    # PyYAML's constructors raise plain ValueError/KeyError on these (found by the fuzzer in CI).
+    ("an explicit tag the value does not fit", BASE + "limits: {max_streams_per_principal: !!int lots}\n", (9, 37)),
+    ("an invalid !!timestamp", BASE + "logging: {level: !!timestamp soon}\n", (9, 18)),
+    ("a tag on a collection", BASE + "limits: !!set {a}\n", (9, 9)),
     ("mode none on a non-loopback listener without the second flag",
      BASE.replace("listen: {host: 127.0.0.1", "listen: {host: 0.0.0.0"), (4, 8)),
 ]

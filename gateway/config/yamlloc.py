@@ -89,7 +89,18 @@ def _loc(file: str, node: yaml.Node) -> Loc:
     return Loc(file, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
+_MAP, _SEQ = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+# What PyYAML's constructors raise on a scalar its explicit tag cannot read (``!!int abc``,
+# ``!!timestamp x``, ``!!bool maybe``): plain Python errors, not YAMLError.
+_CONSTRUCT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
+
+
 def _convert(file: str, node: yaml.Node, loader: _StrictLoader, problems: list[Problem]) -> Any:
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in (_MAP, _SEQ):
+        # ``!!set``, ``!!omap``, ``!!int {}``: a collection is read as what it looks like, so a
+        # tag that says otherwise is refused rather than silently ignored.
+        problems.append(Problem(_loc(file, node), f"unsupported tag {node.tag!r} on a collection"))
+        return None
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         out = LDict(_loc(file, node))
@@ -130,7 +141,13 @@ def _convert(file: str, node: yaml.Node, loader: _StrictLoader, problems: list[P
         problems.append(Problem(
             _loc(file, node), f"ambiguous number {node.value!r}: quote it, or drop the leading zero"
         ))
-    return loader.construct_object(node, deep=True)
+    try:
+        return loader.construct_object(node, deep=True)
+    except _CONSTRUCT_ERRORS:
+        # The value itself is not echoed: it may be a secret written in the wrong place.
+        problems.append(Problem(_loc(file, node), f"invalid YAML: this value cannot be read as "
+                                                  f"!!{node.tag.rsplit(':', 1)[-1]}"))
+        return None
 
 
 def load_text(text: str, file: str) -> tuple[Any, list[Problem]]:
