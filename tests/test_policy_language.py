@@ -106,10 +106,21 @@ def test_glob_matching(pattern: str, name: str, hit: bool) -> None:
     assert compile_glob(pattern).match(name) is hit
 
 
-@pytest.mark.parametrize("bad", ["", "***", "{a", "a}", "{a}", "{a,}", "[x]", "a\\", "{a,{b,c}}", "a\x00"])
+@pytest.mark.parametrize("bad", ["", "***", "{a", "a}", "{a}", "{a,}", "[x]", "a\\", "{a,{b,c}}", "a\x00",
+                                 "a" * 1025, "{a,b}" * 6 + "x" * 100, "{a,b}{c,d}{e,f}" + "y" * 600])
 def test_invalid_globs_are_refused(bad: str) -> None:
     with pytest.raises(GlobError):
         compile_glob(bad)
+
+
+def test_a_glob_is_bounded_in_what_it_keeps_so_reloads_cannot_grow_memory() -> None:
+    """compile_glob's cache keeps the globs of every reload: the fuzzer grew a process past
+    1 GiB with 64 alternatives of kilobyte-long globs.  Within the bounds, a glob compiles."""
+    assert compile_glob("a" * 1024).match("a" * 1024)
+    wide = compile_glob("{a,b}{c,d}{e,f}{g,h}{i,j}{k,l}")
+    assert len(wide.alternatives) == 64 and wide.match("bcfgjk") and not wide.match("bcfgj")
+    long = compile_glob("{a,b}" + "y" * 1000)
+    assert sum(len(alt) for alt in long.alternatives) == 2002 and long.match("b" + "y" * 1000)
 
 
 @pytest.mark.parametrize("a,b,covered", [

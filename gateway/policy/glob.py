@@ -21,6 +21,8 @@ from functools import lru_cache
 LIT, STAR, DSTAR, QMARK = 0, 1, 2, 3
 Token = tuple[int, str]
 MAX_ALTERNATIVES = 64
+MAX_CHARS = 1024          # a glob's text; tool names and resource URIs are far shorter
+MAX_TOKENS = 4096         # summed over its expanded alternatives: what compile_glob keeps
 _SPECIAL = set("*?{},\\")
 # Private-use code points stand for B's wildcards in ``covers``; globs may not contain them.
 _B_DSTAR, _B_STAR, _B_QMARK = "\ue000", "\ue001", "\ue002"
@@ -53,6 +55,8 @@ def _tokens(text: str) -> list[list[Token]]:
     """Split into alternatives (brace expansion) of token lists."""
     if not text:
         raise GlobError("a glob must not be empty")
+    if len(text) > MAX_CHARS:
+        raise GlobError(f"a glob is at most {MAX_CHARS} characters")
     if _FORBIDDEN.search(text):
         raise GlobError("a glob must not contain control or private-use characters")
     seqs: list[list[Token]] = [[]]
@@ -81,6 +85,11 @@ def _tokens(text: str) -> list[list[Token]]:
             seqs = [s + a for s in seqs for a in alts]
             if len(seqs) > MAX_ALTERNATIVES:
                 raise GlobError(f"too many alternatives (more than {MAX_ALTERNATIVES})")
+            if len(seqs) * (len(seqs[0]) + n - close) > MAX_TOKENS:
+                # 64 alternatives of a 1,000-character glob are 64,000 tokens and a regex of
+                # that size, each kept in compile_glob's cache: bound what one glob may cost.
+                raise GlobError(f"the glob expands to more than {MAX_TOKENS} characters; "
+                                f"write fewer or shorter alternatives")
             i = close + 1
         elif c == "}":
             raise GlobError("unbalanced '}' (escape it as '\\}' if you mean the character)")
@@ -137,7 +146,7 @@ def _regex(seq: tuple[Token, ...], star: str, dstar: str, qmark: str) -> str:
     return "".join(out)
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=2048)         # bounded in count here and in size by MAX_CHARS/MAX_TOKENS
 def compile_glob(text: str) -> Glob:
     """Compile ``text``; raises ``GlobError`` with a reader-facing reason."""
     if not isinstance(text, str):
