@@ -90,6 +90,10 @@ CHECK_CASES = [
     ("an explicit tag the value does not fit", BASE + "limits: {max_streams_per_principal: !!int lots}\n", (9, 37)),
     ("an invalid !!timestamp", BASE + "logging: {level: !!timestamp soon}\n", (9, 18)),
     ("a tag on a collection", BASE + "limits: !!set {a}\n", (9, 9)),
+    ("an alias inside its own anchor", BASE + "limits: &l {x: [*l]}\n", (9, 9)),
+    ("aliases that expand a billion-fold",
+     BASE + "".join(f"x{i}: &x{i} [{', '.join([f'*x{i - 1}' if i else '1'] * 9)}]\n" for i in range(7)),
+     (14, 5)),
     ("mode none on a non-loopback listener without the second flag",
      BASE.replace("listen: {host: 127.0.0.1", "listen: {host: 0.0.0.0"), (4, 8)),
 ]

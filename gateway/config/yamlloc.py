@@ -150,6 +150,51 @@ def _convert(file: str, node: yaml.Node, loader: _StrictLoader, problems: list[P
         return None
 
 
+# Aliases make a document a graph: ten lines of nested aliases ("billion laughs") expand to
+# billions of values, and an alias inside its own anchor (``a: &a [*a]``) to infinitely many.
+MAX_VALUES = 100_000
+
+
+def _expansion_problem(file: str, root: yaml.Node) -> Problem | None:
+    """How many values ``root`` expands to, counted once per node (linear in the file): a
+    problem when an alias refers to a value that contains it, or past ``MAX_VALUES``."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            open_.discard(key)
+            children = _children(node)
+            total = 1 + sum(sizes[id(c)] for c in children)
+            if total > MAX_VALUES:
+                return Problem(_loc(file, node), f"this value expands to more than {MAX_VALUES:,} values "
+                                                 f"through aliases")
+            sizes[key] = total
+            continue
+        if key in sizes:
+            continue
+        if key in open_:
+            return Problem(_loc(file, node), "an alias refers to a value that contains it")
+        open_.add(key)
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in open_:
+                return Problem(_loc(file, child), "an alias refers to a value that contains it")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return None
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    return []
+
+
 def load_text(text: str, file: str) -> tuple[Any, list[Problem]]:
     """Parse one YAML document; returns (value, problems).  Never raises for bad YAML."""
     problems: list[Problem] = []
@@ -158,6 +203,9 @@ def load_text(text: str, file: str) -> tuple[Any, list[Problem]]:
         node = loader.get_single_node()
         if node is None:
             return None, problems
+        expansion = _expansion_problem(file, node)
+        if expansion is not None:
+            return None, [expansion]
         return _convert(file, node, loader, problems), problems
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
