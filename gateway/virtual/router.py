@@ -309,7 +309,21 @@ class VirtualRouter:
         sub = Exchange(ex.request, self._servers[origin])
         sub.era, sub.protocol_version = ex.era, ex.protocol_version
         sub.principal, sub.token, sub.via = ex.principal, ex.token, vs.name
-        self._address(sub, method, params, ex.rpc_id if rpc_id is ... else rpc_id, message)
+        sub.origin = _NO_ANSWERS
+        if method is not None:
+            sub.method = method
+            message = {"jsonrpc": "2.0", "method": method, "params": params or {}}
+            if rpc_id is ...:
+                rpc_id = ex.rpc_id
+            if rpc_id is not None:
+                message["id"] = sub.rpc_id = rpc_id
+                sub.is_request = True
+                sub.origin = Origin("p", method, rpc_id)
+        elif message is not None:
+            sub.rpc_id = message.get("id")
+        sub.message = message
+        sub.body = orjson.dumps(message) if message is not None else None
+        sub.extra_upstream_headers = _origin_headers(sub, method)
         if ex.trace is not None:             # the same trace: the origin's call is a child of the client's
             child = sub.trace = ex.trace.child()
             sub.extra_upstream_headers.update(child.outgoing())
@@ -320,42 +334,19 @@ class VirtualRouter:
     def _become(self, ex: Exchange, vs: "VirtualServerConfig", origin: str, method: str,
                 params: dict[str, Any]) -> Exchange:
         """``ex`` (an untraced client request) turned in place into the exchange ``sub`` would
-        make: the origin's server, message, body, stream origin and upstream headers.  What the
-        front stages and the session left on it (principal, token, CORS headers, versions) is
-        the client's as before; ``ex.session`` stays the client's (virtual) session until the
+        make: the origin's server, message, body, stream origin and upstream headers (its method,
+        request id and ``is_request`` are the client's, as parse left them).  What the front
+        stages and the session left on it (principal, token, CORS headers, versions) is the
+        client's as before; ``ex.session`` stays the client's (virtual) session until the
         origin's is bound (``LegacyVirtual.attach``)."""
         audit.rehome(ex, self._servers[origin])
         ex.via = vs.name
-        self._address(ex, method, params, ex.rpc_id, None)
+        rpc_id = ex.rpc_id
+        message = {"jsonrpc": "2.0", "method": method, "params": params, "id": rpc_id}
+        ex.message, ex.body = message, orjson.dumps(message)
+        ex.origin = Origin("p", method, rpc_id)
+        ex.extra_upstream_headers = _origin_headers(ex, method)
         return ex
-
-    @staticmethod
-    def _address(sub: Exchange, method: str | None, params: dict[str, Any] | None, rpc_id: Any,
-                 message: dict[str, Any] | None) -> None:
-        """``sub``'s JSON-RPC message (``rpc_id`` None: a notification), body, stream origin and
-        upstream headers, as parse would have left them on the origin's mount."""
-        sub.origin = _NO_ANSWERS
-        sub.is_request = False
-        if method is not None:
-            sub.method = method
-            message = {"jsonrpc": "2.0", "method": method, "params": params or {}}
-            sub.rpc_id = rpc_id
-            if rpc_id is not None:
-                message["id"] = rpc_id
-                sub.is_request = True
-                sub.origin = Origin("p", method, rpc_id)
-        else:
-            sub.rpc_id = message.get("id") if message is not None else None
-        sub.message = message
-        sub.body = orjson.dumps(message) if message is not None else None
-        # The client's Mcp-Method/Mcp-Name name the virtual request; the origin's are these.  A
-        # 2025-11-25 request without them (they are 2026-07-28 headers) needs neither: its origin
-        # is sent what its mount would be, and nothing is applied over the client's headers.
-        headers = sub.request.headers
-        if sub.era == MODERN or "Mcp-Method" in headers or "Mcp-Name" in headers:
-            sub.extra_upstream_headers = {"Mcp-Method": method, "Mcp-Name": None}
-        else:
-            sub.extra_upstream_headers = {}
 
     async def call_origin(self, sub: Exchange, finish: Callable[[Exchange], Awaitable[web.StreamResponse]],
                           before: Callable[[Exchange], Awaitable[None]] | None = None) -> web.StreamResponse:
@@ -375,6 +366,17 @@ class VirtualRouter:
             return await finish(sub)
 
         return await self._serve(sub, body)
+
+
+def _origin_headers(sub: Exchange, method: str | None) -> dict[str, str | None]:
+    """The upstream headers ``sub`` gets over the client's.  The client's Mcp-Method/Mcp-Name name
+    the virtual request; the origin's are these.  A 2025-11-25 request without them (they are
+    2026-07-28 headers) needs neither: its origin is sent what its mount would be, and nothing is
+    applied over the client's headers."""
+    headers = sub.request.headers
+    if sub.era == MODERN or "Mcp-Method" in headers or "Mcp-Name" in headers:
+        return {"Mcp-Method": method, "Mcp-Name": None}
+    return {}
 
 
 def _published(err: PolicyDenied, published: str, target: str) -> None:
