@@ -90,6 +90,7 @@ class Exchange:
         "outcome", "reason", "upstream_status", "extra_upstream_headers", "response_headers",
         "origin", "answered", "replay", "resumable", "upstream_last_event_id", "final", "finishers", "trace",
         "upstream_sent", "upstream_wait", "result_bytes", "result_body", "limit", "routed", "via",
+        "client_session_id",
     )
 
     def __init__(self, request: "web.Request", server: "ServerConfig") -> None:
@@ -147,12 +148,15 @@ class Exchange:
         # record hashes it, only when a record is written).
         self.result_bytes = -1
         self.result_body: bytes | None = None
-        # A virtual server's exchange whose request went to one origin (gateway/virtual/router.py):
-        # the origin's sub-exchange is the request's one audit record and its count in the
-        # request metrics (``via`` names the virtual server).
+        # A virtual server's exchange whose request went to one origin in a sub-exchange (a traced
+        # request: gateway/virtual/router.py): the origin's sub-exchange is the request's one audit
+        # record and its count in the request metrics (``via`` names the virtual server).
         self.routed = False
         # A sub-exchange's virtual server (its name, from the configuration): in the audit record.
         self.via: str | None = None
+        # A virtual server's exchange with an origin (a 2025-11-25 session): the client's own
+        # (virtual) session id, which names the origin's session in the answer (stages/session.py).
+        self.client_session_id: str | None = None
 
 
 class Stage(Protocol):

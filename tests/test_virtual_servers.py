@@ -23,7 +23,8 @@ from tests.support.clients import (
 from tests.support.components import Gateway, Upstream
 from tests.support.pin_cases import metric
 from tests.support.gw_helpers import (
-    LEGACY_VERSION, Stack, http_client, initialize, modern_headers, modern_params, post, rpc, stack,  # noqa: F401
+    LEGACY_VERSION, Stack, call_in_progress, http_client, initialize, modern_headers, modern_params, post, rpc,
+    stack,  # noqa: F401
 )
 
 ORIGIN_TIMEOUT = 1.0
@@ -309,6 +310,20 @@ async def test_a_routed_call_is_counted_once_under_its_origin(stack: Stack, upst
     assert await metric(gw.admin_url, "mcpgw_requests_total", server="team", method="tools/list") >= 1
     assert await metric(gw.admin_url, "mcpgw_requests_total", server="beta", **labels) == 3
     assert await metric(gw.admin_url, "mcpgw_requests_total", server="team", **labels) == 0
+
+
+async def test_a_routed_call_in_progress_is_in_flight_at_its_origin_only(
+        stack: Stack, upstreams: dict[str, Upstream]) -> None:
+    """mcpgw_inflight_requests follows requests_total: a call routed to alpha is in flight under alpha
+    while it runs, not under the virtual server as well.  (A gateway of its own: exact levels.)"""
+    gw = stack.gateway({"servers": upstreams, "virtual_servers": {"team": {"include": [{"server": "alpha"}]}}})
+    async with http_client() as http:
+        sid, _ = await initialize(http, gw.url("team"))
+        call = rpc("tools/call", {"name": "alpha__slow_progress", "arguments": {"steps": 50, "interval_ms": 100},
+                                  "_meta": {"progressToken": "inflight"}})
+        async with call_in_progress(http, gw.url("team"), sid, call):
+            assert await metric(gw.admin_url, "mcpgw_inflight_requests", server="alpha") == 1
+            assert await metric(gw.admin_url, "mcpgw_inflight_requests", server="team") == 0
 
 
 @pytest.mark.parametrize("client_headers", [{}, {"Mcp-Method": "tools/call", "mcp-name": "b_echo"}],

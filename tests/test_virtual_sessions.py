@@ -312,6 +312,34 @@ async def test_each_origin_is_spoken_to_in_the_version_it_negotiated(
     assert seen[1:] == [("notifications/initialized", sent), ("tools/call", sent), ("tools/call", sent)], seen
 
 
+@pytest.mark.parametrize("names_session", [True, False], ids=["origin-names-its-session", "origin-names-none"])
+async def test_a_routed_answer_names_the_clients_session_where_a_mount_would_name_its_own(
+        gateway: Any, evil: Any, tmp_path: Any, names_session: bool) -> None:
+    """As on the origin's mount, a call's answer carries Mcp-Session-Id when the origin's answer names
+    its session, and then it is the client's own (virtual) session id, never the origin's."""
+    from tests.support.evil_upstream import http as raw_http
+    from tests.support.gw_helpers import with_policy
+
+    async def call(e: Any, rid: Any, msg: dict[str, Any]) -> bytes:
+        named = ("Mcp-Session-Id: evil-session-1",) if names_session else ()
+        return raw_http(200, json.dumps({"jsonrpc": "2.0", "id": rid, "result": {
+            "content": [{"type": "text", "text": "ok"}]}}).encode(), "application/json", *named)
+
+    evil.scripts["tools/call"] = call
+    gw = await gateway.astart(with_policy({"servers": {"evil": {"url": evil.url}},
+                                           "virtual_servers": {"v": {"include": [{"server": "evil"}]}}}, tmp_path))
+    async with http_client() as http:
+        sid, _ = await initialize(http, gw.url("v"))
+        routed = await post(http, gw.url("v"), rpc("tools/call", {"name": "evil__safe_tool", "arguments": {}}),
+                            session_id=sid)
+        mount_sid, _ = await initialize(http, gw.url("evil"))
+        direct = await post(http, gw.url("evil"), rpc("tools/call", {"name": "safe_tool", "arguments": {}}),
+                            session_id=mount_sid)
+    assert routed.status == direct.status == 200
+    assert routed.headers.get("Mcp-Session-Id") == (sid if names_session else None)
+    assert direct.headers.get("Mcp-Session-Id") == (mount_sid if names_session else None)
+
+
 async def test_an_origin_that_stalls_its_stream_holds_the_merged_200_no_longer_than_origin_timeout(
         stack: Stack) -> None:
     """The merged stream waits for each origin's stream to open (see above), but an origin that

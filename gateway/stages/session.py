@@ -91,9 +91,9 @@ class Session:
                 log.warning("upstream.session_id_changed", server=ex.server.name, session=session.short,
                             method=ex.method)
                 return None
-            # setdefault: a virtual server's sub-exchange answers with the client's virtual session
-            # id (set in ``ex.response_headers``), not the origin's mount session.
-            out.setdefault("Mcp-Session-Id", session.id)
+            # A virtual server's call answers with the client's virtual session id, not the
+            # origin's mount session.
+            out["Mcp-Session-Id"] = ex.client_session_id or session.id
         return None
 
     async def _create(self, ex: "Exchange", upstream_sid: str, out: "CIMultiDict[str]") -> None:

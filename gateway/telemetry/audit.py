@@ -31,6 +31,7 @@ from .metrics import DURATION_TALLY, INFLIGHT_LEVEL, KNOWN_METHODS, OVERHEAD_TAL
 from .redact import redact_value, scrub_text
 
 if TYPE_CHECKING:
+    from ..config.model import ServerConfig
     from ..pipeline import Exchange
     from .client_address import ClientAddress
 
@@ -140,6 +141,16 @@ def start(ex: "Exchange") -> None:
     _INFLIGHT[key] = _INFLIGHT.get(key, 0) + 1
 
 
+def rehome(ex: "Exchange", server: "ServerConfig") -> None:
+    """``ex`` goes on as an exchange with ``server`` (a virtual server's call that becomes its
+    origin's in place: gateway/virtual/router.py): in flight there from now on, and ``finish``
+    counts and records it there."""
+    _INFLIGHT[(ex.server.name,)] -= 1
+    ex.server = server
+    key = (server.name,)
+    _INFLIGHT[key] = _INFLIGHT.get(key, 0) + 1
+
+
 def finish(ex: "Exchange", enabled: bool = True, client: "ClientAddress | None" = None,
            log_arguments: bool = False) -> None:
     """At the end of every exchange: the per-request metrics now, the audit record (when
@@ -149,8 +160,9 @@ def finish(ex: "Exchange", enabled: bool = True, client: "ClientAddress | None" 
     skey = (server,)
     _INFLIGHT[skey] -= 1
     if ex.routed:
-        # A virtual server's request routed to one origin: counted and recorded once, as the
-        # origin's (its sub-exchange finished already, naming the virtual server in ``via``).
+        # A virtual server's request routed to one origin in a sub-exchange (a traced request):
+        # counted and recorded once, as the origin's (its sub-exchange finished already, naming
+        # the virtual server in ``via``).
         return
     elapsed = time.perf_counter() - ex.started
     # HistogramTally.observe, inlined (values are bucketed in bulk at flush).

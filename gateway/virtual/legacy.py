@@ -130,12 +130,12 @@ class LegacyVirtual:
         ex.status = 202                   # other client notifications: nothing to route
         return web.Response(status=202)
 
-    def running(self, ex: "Exchange", sub: "Exchange") -> tuple[str, str | int]:
-        """``sub`` runs the client's request: until ``done``, a ``notifications/cancelled`` naming the
-        client's request id goes straight to its origin (one that reaches another replica goes to
-        every open origin: ``_cancel``)."""
-        assert ex.session is not None
-        key = (ex.session.id, ex.rpc_id)
+    def running(self, sub: "Exchange") -> tuple[str, str | int]:
+        """``sub`` (bound: ``attach``) runs the client's request: until ``done``, a
+        ``notifications/cancelled`` naming the client's request id goes straight to its origin
+        (one that reaches another replica goes to every open origin: ``_cancel``)."""
+        assert sub.client_session_id is not None
+        key = (sub.client_session_id, sub.rpc_id)
         self._running[key] = sub
         return key
 
@@ -217,7 +217,8 @@ class LegacyVirtual:
         but a session's first to an origin), else an awaitable that finds or opens it first.
 
         The hook is registered before the origin's stages register theirs: it runs last on the
-        way back, after the origin's hooks saw the origin's own message."""
+        way back, after the origin's hooks saw the origin's own message.  ``sub`` may be ``ex``
+        (a call routed in place): ``ex.session`` is the client's until ``attach``."""
         assert ex.session is not None
         key = (ex.session.id, sub.server.name)
         route = self._routes.get(key)
@@ -245,18 +246,24 @@ class LegacyVirtual:
 
     @staticmethod
     def attach(ex: "Exchange", sub: "Exchange", rec: "SessionRecord") -> None:
-        """``sub`` goes out in ``rec`` (none for a sessionless origin) and answers in the client's session."""
-        if rec.id:
-            sub.session, sub.upstream_session_id = rec, rec.upstream_id
-            version = rec.protocol_version  # the version this origin negotiated (MCP-Protocol-Version)
-            if version:
-                sub.protocol_version = version
-                # ex.protocol_version is the client's MCP-Protocol-Version (the parse stage's): when
-                # it names this version already, the client's header says it.
-                if ex.protocol_version != version:
-                    sub.extra_upstream_headers["MCP-Protocol-Version"] = version
+        """``sub`` goes out in ``rec`` (none for a sessionless origin) and answers in the client's
+        session.  ``sub`` may be ``ex`` itself (a call routed in place: router.py), so everything
+        read from ``ex`` is read before ``sub`` changes."""
         assert ex.session is not None
-        sub.response_headers = {**(sub.response_headers or {}), "Mcp-Session-Id": ex.session.id}
+        sub.client_session_id = ex.session.id
+        # ex.protocol_version is the client's MCP-Protocol-Version (the parse stage's), which
+        # ``sub`` carries until now.
+        client_version = ex.protocol_version
+        if not rec.id:
+            sub.session = sub.upstream_session_id = None
+            return
+        sub.session, sub.upstream_session_id = rec, rec.upstream_id
+        version = rec.protocol_version      # the version this origin negotiated (MCP-Protocol-Version)
+        if version:
+            sub.protocol_version = version
+            # When the client's header names this version already, it says it.
+            if client_version != version:
+                sub.extra_upstream_headers["MCP-Protocol-Version"] = version
 
     def hook(self, ex: "Exchange", origin: str) -> "Relay":
         """The hook relaying ``origin``'s messages to the client's session (``Relay``)."""
