@@ -96,10 +96,12 @@ _CONSTRUCT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError
 
 
 def _convert(file: str, node: yaml.Node, loader: _StrictLoader, problems: list[Problem]) -> Any:
-    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in (_MAP, _SEQ):
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag != (
+            _MAP if isinstance(node, yaml.MappingNode) else _SEQ):
         # ``!!set``, ``!!omap``, ``!!int {}``: a collection is read as what it looks like, so a
         # tag that says otherwise is refused rather than silently ignored.
-        problems.append(Problem(_loc(file, node), f"unsupported tag {node.tag!r} on a collection"))
+        kind = "mapping" if isinstance(node, yaml.MappingNode) else "list"
+        problems.append(Problem(_loc(file, node), f"the tag {node.tag!r} is not supported on a {kind}"))
         return None
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
