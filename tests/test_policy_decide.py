@@ -252,6 +252,11 @@ def test_a_server_with_no_policy_and_no_wildcard_refuses_everything(tmp_path: Pa
     ("notes://{id}", who(), True),
     ("file:///srv/shared/secret/{k}", who("read"), False),   # a deny rule covers every expansion
     ("db://{table}", who("read"), False),
+    # A hostile upstream's templates: adjacent expressions under a denied tree (they were read
+    # as '**', which no deny rule covers), and one past the glob bounds (hidden: not evaluable).
+    ("file:///srv/shared/secret/{a}{+b}", who("read"), False),
+    ("file:///srv/shared/secret/" + "a{k}" * 8192, who("read"), False),
+    ("notes://" + "a{k}" * 8192, who(), False),
 ])
 def test_resource_templates_are_listed_when_some_expansion_is_readable(
         policies: Any, template: str, principal: Principal, visible: bool) -> None:

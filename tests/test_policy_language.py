@@ -132,14 +132,14 @@ def test_glob_coverage_is_sound(a: str, b: str, covered: bool) -> None:
     assert covers(compile_glob(a), compile_glob(b)) is covered
 
 
-def test_an_upstreams_oversized_template_is_read_as_any_uri_within_the_glob_bounds() -> None:
-    """A hostile upstream lists a 64 KiB resource template (templates come from upstreams, and
-    each distinct one would be kept by compile_glob's cache): it is read as ``**``, i.e. as
-    possibly naming any URI, so it is listed exactly when a rule allows some URI, and no glob
-    past the bounds is ever compiled."""
-    huge = template_glob("file:///" + "a{x}" * 16384)
-    assert huge.text == "**" and huge.match("anything/at/all")
-    assert intersects(compile_glob("file:///srv/shared/**"), huge)
+def test_a_template_past_the_glob_bounds_is_not_read_and_adjacent_expressions_are_one_wildcard() -> None:
+    """Templates come from upstreams: a 64 KiB one is not compiled (nor kept in compile_glob's
+    cache); the caller hides it (test_policy_decide).  '{a}{+b}' was '***', not a glob, and
+    fell back to '**' (so a deny rule could not cover it); it is one '**' after the literal."""
+    assert template_glob("file:///" + "a{x}" * 16384) is None
+    adjacent = template_glob("file:///srv/{a}{+b}")
+    assert adjacent is not None and adjacent.text == "file:///srv/**"
+    assert template_glob("notes://{a}{b}/x").text == "notes://*/x"
 
 
 def test_template_globs_intersect_rule_globs() -> None:

@@ -224,6 +224,7 @@ def _merge(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
 _BY_RULE: dict[tuple[str, str, str], Decision] = {}
 _NO_POLICY = Decision(DENIED, NO_POLICY)
 _URI_NOT_CANONICAL = Decision(DENIED, URI_NOT_CANONICAL)
+_NOT_EVALUABLE = Decision(DENIED, NOT_EVALUABLE)
 # Shared, like the rule decisions: the authz stage memoises its audit fields per Decision
 # object, so a fresh one per call missed that memo on every refusal (found by bench.soak).
 _NO_MATCH = Decision(DENIED, NO_MATCHING_RULE)
@@ -375,6 +376,8 @@ def decide_template(policies: PolicySet, server: str, uri_template: str, princip
     if sp is None:
         return _NO_POLICY
     g = template_glob(uri_template)
+    if g is None:                       # past the glob bounds: nothing to reason about, so hidden
+        return _NOT_EVALUABLE
     rules = sp.index[RESOURCES].rules
     for rule in rules:
         if rule.effect == DENY and claims_hold(rule, principal) is not False and _rule_covers(rule, g):

@@ -209,25 +209,32 @@ def intersects(a: Glob, b: Glob) -> bool:
 _TEMPLATE_EXPR = re.compile(r"\{([^{}]*)\}")
 
 
-def template_glob(uri_template: str) -> Glob:
-    """An RFC 6570 URI template as a glob over the URIs it can expand to.
+def template_glob(uri_template: str) -> Glob | None:
+    """An RFC 6570 URI template as a glob over the URIs it can expand to, or None when it is
+    not one within the glob bounds (the caller refuses what it cannot reason about).
 
     ``{var}`` expands without ``/`` (reserved characters are percent-encoded),
     so it becomes ``*``; every other operator (``+ # / . ; ? &``) may produce
-    ``/`` and becomes ``**``.  Literal text is escaped.
+    ``/`` and becomes ``**``; adjacent expressions are one wildcard (``**`` if
+    either is).  Literal text is escaped.
     """
-    out, pos = [], 0
+    if len(uri_template) > MAX_CHARS:          # upstream text: capped before any regex reads it
+        return None
+    out: list[str] = []
+    pos = 0
     for m in _TEMPLATE_EXPR.finditer(uri_template):
-        out.append(_escape(uri_template[pos:m.start()]))
-        expr = m.group(1)
-        out.append("**" if expr[:1] in "+#/.;?&" else "*")
+        literal = _escape(uri_template[pos:m.start()])
+        wild = "**" if m.group(1)[:1] in "+#/.;?&" else "*"
+        if not literal and out and out[-1] in ("*", "**"):
+            out[-1] = "**" if "**" in (out[-1], wild) else "*"
+        else:
+            out += (literal, wild) if literal else (wild,)
         pos = m.end()
     out.append(_escape(uri_template[pos:]))
-    text = "".join(out)
     try:
-        return compile_glob(text or "\\ ")
+        return compile_glob("".join(out) or "\\ ")
     except GlobError:
-        return compile_glob("**")
+        return None
 
 
 def _escape(text: str) -> str:
