@@ -107,7 +107,8 @@ def test_glob_matching(pattern: str, name: str, hit: bool) -> None:
 
 
 @pytest.mark.parametrize("bad", ["", "***", "{a", "a}", "{a}", "{a,}", "[x]", "a\\", "{a,{b,c}}", "a\x00",
-                                 "a" * 1025, "{a,b}" * 6 + "x" * 100, "{a,b}{c,d}{e,f}" + "y" * 600])
+                                 "a" * 1025, "{a,b}" * 6 + "x" * 100, "{a,b}{c,d}{e,f}" + "y" * 600,
+                                 "{a," + "x" * 900 + "}{c,d}{e,f}{g,h}{i,j}{k,l}"])
 def test_invalid_globs_are_refused(bad: str) -> None:
     with pytest.raises(GlobError):
         compile_glob(bad)

@@ -85,7 +85,7 @@ def _tokens(text: str) -> list[list[Token]]:
             seqs = [s + a for s in seqs for a in alts]
             if len(seqs) > MAX_ALTERNATIVES:
                 raise GlobError(f"too many alternatives (more than {MAX_ALTERNATIVES})")
-            if len(seqs) * (len(seqs[0]) + n - close) > MAX_TOKENS:
+            if sum(len(s) for s in seqs) + len(seqs) * (n - close - 1) > MAX_TOKENS:
                 # 64 alternatives of a 1,000-character glob are 64,000 tokens and a regex of
                 # that size, each kept in compile_glob's cache: bound what one glob may cost.
                 raise GlobError(f"the glob expands to more than {MAX_TOKENS} characters; "
