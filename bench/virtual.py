@@ -157,9 +157,11 @@ async def main_async(args: argparse.Namespace) -> int:
                 await _round(http, url, body, headers, 200, args.concurrency, gw)       # warm-up
             cpu: dict[str, list[float]] = {"mount": [], "virtual": []}
             lat: dict[str, list[float]] = {"mount": [], "virtual": []}
-            for _ in range(args.rounds):
-                for label, url, (body, headers) in (("mount", f"{base}/mcp/a", direct),
-                                                    ("virtual", f"{base}/mcp/abc", virtual)):
+            paths = (("mount", f"{base}/mcp/a", direct), ("virtual", f"{base}/mcp/abc", virtual))
+            for i in range(args.rounds):
+                # ABBA: each path goes first in every other round, so whatever the first round of
+                # a pair leaves behind (a flush, a collection, a warmer cache) is not one path's.
+                for label, url, (body, headers) in paths if i % 2 == 0 else paths[::-1]:
                     c, l_ = await _round(http, url, body, headers, args.calls, args.concurrency, gw)
                     cpu[label].append(c)
                     lat[label] += l_
@@ -173,7 +175,7 @@ async def main_async(args: argparse.Namespace) -> int:
             await up.stop()
     mount_cpu, virt_cpu = statistics.median(cpu["mount"]), statistics.median(cpu["virtual"])
     ratio = virt_cpu / mount_cpu
-    # Each round's virtual against the mount round just before it: what drifts with the box
+    # Each round's virtual against the mount round next to it: what drifts with the box
     # between rounds cancels.
     paired = statistics.median(v / m for v, m in zip(cpu["virtual"], cpu["mount"]))
     load = os.getloadavg()

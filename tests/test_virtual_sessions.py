@@ -166,8 +166,15 @@ async def test_an_origin_without_sessions_is_served_in_a_virtual_session(gw: Gat
         assert {"g_echo", "b_echo"} <= tools
         assert text_of(await client.call_tool("g_add", {"a": 2, "b": 5})) == "7"
         assert text_of(await client.call_tool("b_add", {"a": 2, "b": 6})) == "8"
+        # A replica keeps one route per (virtual session, origin), a sessionless origin's too:
+        # a second session's calls, interleaved with the first's, are its own.
+        async with mcp_client(gw.url("sessionless"), era="legacy") as other:
+            for n in range(3):
+                assert text_of(await client.call_tool("g_echo", {"text": f"first {n}"})) == f"first {n}"
+                assert text_of(await other.call_tool("g_echo", {"text": f"second {n}"})) == f"second {n}"
+        assert text_of(await client.call_tool("g_add", {"a": 1, "b": 1})) == "2"   # after the other's DELETE
     calls = stateless.records("tools/call")
-    assert calls and all("mcp-session-id" not in r["headers"] for r in calls)
+    assert len(calls) >= 8 and all("mcp-session-id" not in r["headers"] for r in calls)
 
 
 async def test_a_cancellation_reaches_the_origin_running_the_call(gw: Gateway, upstreams: dict[str, Upstream]) -> None:

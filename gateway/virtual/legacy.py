@@ -87,12 +87,11 @@ class LegacyVirtual:
         """The awaitable answering ``ex`` (a routed call's is the router's: one coroutine frame
         less on every resume)."""
         req = ex.request
-        sid = req.headers.get("Mcp-Session-Id")
-        if req.method == "POST" and ex.method == "initialize":
-            if sid is not None:
+        if ex.method == "initialize" and req.method == "POST":
+            if "Mcp-Session-Id" in req.headers:
                 raise BadRequest("this session is already initialized", reason="session_exists")
             return self._initialize(ex, vs)
-        if sid is None:
+        if "Mcp-Session-Id" not in req.headers:
             raise BadRequest("Mcp-Session-Id is required: initialize a session first", reason="session_required")
         pending = self._session(ex)
         if pending is not None:
@@ -222,8 +221,9 @@ class LegacyVirtual:
         assert ex.session is not None
         key = (ex.session.id, sub.server.name)
         route = self._routes.get(key)
-        # The same record object: still cached and fresh, and checked when the route was made.
-        if route is None or self._sessions.cached_record(*key) is not route.rec:
+        # The same record object (or a sessionless origin's mapping): still cached and fresh,
+        # and checked when the route was made.
+        if route is None or self._sessions.cached_record(key) is not route.mark:
             return self._bind_found(ex, vs, sub, key, hook)
         self.attach(ex, sub, route.rec)
         if hook:
@@ -233,13 +233,13 @@ class LegacyVirtual:
     async def _bind_found(self, ex: "Exchange", vs: "VirtualServerConfig", sub: "Exchange",
                           key: tuple[str, str], hook: bool) -> None:
         rec = await self.origin_session(ex, vs, sub.server.name)
+        # A sessionless origin's record is made per call: its route stands for the mapping.
+        mark = rec if rec.id else SESSIONLESS
         route = self._routes.get(key)
-        if route is None or route.rec is not rec:
-            route = OriginRoute(rec, self.hook(ex, rec.server))
-            if rec.id:                      # a sessionless origin's record is made per call
-                self._routes[key] = route
-                if len(self._routes) > _ROUTES_MAX:
-                    del self._routes[next(iter(self._routes))]      # the oldest
+        if route is None or route.mark is not mark:
+            route = self._routes[key] = OriginRoute(rec, self.hook(ex, rec.server), mark)
+            if len(self._routes) > _ROUTES_MAX:
+                del self._routes[next(iter(self._routes))]      # the oldest
         self.attach(ex, sub, rec)
         if hook:
             sub.response_hooks.append(route.relay)
@@ -420,10 +420,11 @@ class OriginRoute:
     """One virtual session's calls to one origin on this replica: the origin's session record
     (checked to be that origin's and the client's when the route was made) and the relay hook,
     made once instead of per call.  ``bind`` uses it while this replica's caches return the
-    same record object."""
+    same record object (for an origin that keeps no sessions: its cached mapping)."""
 
     rec: "SessionRecord"
     relay: Relay
+    mark: "SessionRecord | str"   # what ``cached_record`` returns while the route holds: ``rec``, or SESSIONLESS
 
 
 _POST_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}

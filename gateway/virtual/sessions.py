@@ -64,13 +64,18 @@ class VirtualSessions:
             params = {}
         return params if isinstance(params, dict) else {}
 
-    def cached_record(self, sid: str, origin: str) -> "SessionRecord | None":
-        """``origin``'s mount session record when this replica's caches hold both it and the
-        mapping to it (what ``origin`` then ``sessions.get`` return at once), else None."""
-        hit = self._cache.get((sid, origin))
-        if hit is None or hit[0] == SESSIONLESS or hit[1] <= time.monotonic():
+    def cached_record(self, key: tuple[str, str]) -> "SessionRecord | str | None":
+        """For ``key`` (virtual session, origin): the origin's mount session record when this
+        replica's caches hold both it and the mapping to it (what ``origin`` then
+        ``sessions.get`` return at once); ``SESSIONLESS`` when the cached mapping says the
+        origin keeps no sessions; else None."""
+        hit = self._cache.get(key)
+        if hit is None:
             return None
-        return self.sessions.cached(hit[0])
+        mount_sid, until = hit
+        if until <= time.monotonic():
+            return None
+        return SESSIONLESS if mount_sid == SESSIONLESS else self.sessions.cached(mount_sid)
 
     async def origin(self, sid: str, origin: str) -> str | None:
         """The mount session id holding ``origin``'s upstream session, if one was opened."""
