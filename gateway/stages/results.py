@@ -156,7 +156,7 @@ def _clean(cfg: "ScanResults", result: dict[str, Any]) -> bool:
         # SDK servers send a tool's text twice (content and structuredContent): once is enough.
         unique: list[str] = []
         for t in texts:
-            if not any(len(u) == len(t) and u == t for u in unique):
+            if t not in unique:           # str equality compares lengths first
                 unique.append(t)
         text = "\n".join(unique)
     return len(text) <= cfg.max_chars and text.isascii() and cfg.scanner.clean(text)
