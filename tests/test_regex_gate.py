@@ -146,6 +146,78 @@ def test_a_rule_the_gate_cannot_translate_always_runs() -> None:
     assert gate.candidates("a zzz") == (0, 1, 2)
 
 
+def test_the_guided_search_finds_what_finditer_finds_in_every_window() -> None:
+    """``RegexGate.finditer`` tries a rule only where its untrimmed translation says a match may
+    start: the same matches as ``finditer`` over the same window, on every corpus text (upper
+    case too: the rules read it lower-cased), in windows cut anywhere, including mid-word."""
+    regexes = [rule.lower for rule in RULES.rules]
+    gate = RegexGate(regexes)
+    assert len(gate._starts) >= 25                      # most rules are guided
+    compared = matched = 0
+    for n, text in enumerate(TEXTS):
+        for subject in (text.lower(), text.upper().lower()):
+            if not subject.isascii():
+                continue
+            data = subject.encode()
+            cuts = [(0, len(subject)), (n % 7, max(0, len(subject) - n % 11)),
+                    (len(subject) // 3, 2 * len(subject) // 3 + 1)]
+            for index in gate._starts:
+                for start, end in cuts:
+                    want = [m.span() for m in regexes[index].finditer(subject, start, end)]
+                    got = [m.span() for m in gate.finditer(index, regexes[index], subject, start, end, data)]
+                    assert got == want, (RULES.rules[index].id, start, end, subject[:120])
+                    compared += 1
+                    matched += bool(want)
+    assert compared > 10_000 and matched > 200           # not vacuous
+
+
+def test_the_guided_search_hands_over_to_finditer_where_re2_keeps_missing() -> None:
+    from gateway.inspect import regex_gate
+
+    # The translation drops the look-ahead, so RE2 names every "x"; after _GUIDED_MISSES of
+    # them the rest of the window is finditer's, which still finds the one real match.
+    regex = re.compile(r"x(?=y)")
+    gate = RegexGate([regex])
+    text = "xz" * (regex_gate._GUIDED_MISSES + 10) + "xy xy"
+    assert [m.span() for m in gate.finditer(0, regex, text, 0, len(text), text.encode())] == \
+        [m.span() for m in regex.finditer(text)] == [(len(text) - 5, len(text) - 4), (len(text) - 2, len(text) - 1)]
+    # The window's end is the text's end for both (a match needing what follows it is cut).
+    assert list(gate.finditer(0, regex, text, 0, len(text) - 1, text.encode())) != []
+    assert [m.span() for m in gate.finditer(0, regex, "ax xy", 0, 4, b"ax xy")] == []
+    # An empty match (a regex the gate would not take, tried directly): finditer from there.
+    empty = re.compile(r"a*")
+    starts = re2.compile(b"a*")
+    assert [m.span() for m in regex_gate._guided(starts, empty, "baab", b"baab", 0, 4)] == \
+        [m.span() for m in empty.finditer("baab", 0, 4)]
+
+
+def test_one_set_pass_names_the_candidates_and_a_failed_pass_falls_back() -> None:
+    """On ASCII text the rules that may match come from one pass of an RE2 set; a pass that
+    names nothing after the gate matched (the set's automaton out of memory) is not trusted:
+    the searches rule by rule decide, as they do without the set."""
+    gate = RegexGate([rule.lower for rule in RULES.rules])
+    assert gate._set_match is not None
+    alone = RegexGate([rule.lower for rule in RULES.rules])
+    alone._set_match = None
+    failing = RegexGate([rule.lower for rule in RULES.rules])
+    failing._set_match = lambda data: []
+    named = 0
+    for text in TEXTS:
+        for subject, cased in ((text, True), (text.lower(), False)):
+            if not subject.isascii():
+                continue
+            by_set = gate.candidates(subject, cased=cased)
+            one_by_one = alone.candidates(subject, cased=cased)
+            assert failing.candidates(subject, cased=cased) == one_by_one
+            # The set reads the ASCII translations (word boundaries kept): never more than
+            # the searches one by one, and never fewer than the Python rules that match.
+            assert set(by_set) <= set(one_by_one)
+            assert {i for i, rule in enumerate(RULES.rules) if rule.lower is None or rule.lower.search(subject.lower())} \
+                <= set(by_set)
+            named += len(by_set)
+    assert named > 200
+
+
 def test_clean_text_costs_one_pass_and_hostile_text_stays_bounded() -> None:
     """A clean 2 KiB result passes in one RE2 search; 256 Ki characters made of the rules'
     own fragments (every alternative alive at every position: the DFA's worst case, where

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import re._constants as C
 import re._parser as P
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 try:
     import re2
@@ -179,12 +179,14 @@ def _differ(new: list[tuple[Any, Any]], old: Iterable[tuple[Any, Any]]) -> bool:
     return len(new) != len(old) or any(a is not b for a, b in zip(new, old))
 
 
-def translate(regex: re.Pattern[str], ascii: bool = False) -> str:
+def translate(regex: re.Pattern[str], ascii: bool = False, trim: bool = True) -> str:
     """An RE2 pattern that matches (within) every match of ``regex``; Untranslatable if none.
-    ``ascii``: a Latin-1 pattern that does so on ASCII text."""
+    ``ascii``: a Latin-1 pattern that does so on ASCII text.  ``trim=False``: the edges kept,
+    so that wherever a match of ``regex`` starts, one of the translation starts too."""
     tree = P.parse(regex.pattern, regex.flags)
     prefix = "(?i)" if tree.state.flags & re.IGNORECASE else ""
-    return prefix + _Emitter(ascii).emit(_trim(_trim(list(tree.data), True), False))
+    items = list(tree.data)
+    return prefix + _Emitter(ascii).emit(_trim(_trim(items, True), False) if trim else items)
 
 
 class RegexGate:
@@ -196,6 +198,9 @@ class RegexGate:
         ungated = [i for i, regex in enumerate(regexes) if regex is None or re2 is None]
         self._any: Any = None
         self._any_ascii: Any = None
+        self._starts: dict[int, Any] = {}
+        self._set_match: Any = None       # ASCII text: every gated regex whose translation matches, in one pass
+        self._set_index: tuple[int, ...] = ()
         if re2 is not None:
             options = re2.Options()
             options.max_mem = MAX_MEM
@@ -216,6 +221,13 @@ class RegexGate:
                     compiled.append((i, pattern, ascii_pattern, wide))
                 except (Untranslatable, re.error, re2.error, OverflowError):
                     ungated.append(i)
+                    continue
+                try:
+                    # Where a match may start in ASCII text (finditer): the untrimmed translation.
+                    self._starts[i] = re2.compile(f"(?i:{translate(regex, ascii=True, trim=False)})".encode(),
+                                                  latin1)
+                except (Untranslatable, re.error, re2.error, OverflowError):
+                    pass                  # finditer then lets the regex search every position itself
             if compiled:
                 try:
                     self._any = re2.compile("|".join(f"(?:{p})" for _, p, _, _ in compiled), options)
@@ -225,6 +237,8 @@ class RegexGate:
                 except re2.error:         # too large together: nothing is gated
                     ungated.extend(i for i, _, _, _ in compiled)
                     compiled = []
+                    self._starts = {}
+                self._set_match, self._set_index = _set(compiled, latin1)
         self._each: tuple[tuple[int, Any], ...] = tuple((i, r) for i, _, _, r in compiled)
         self.gated: tuple[int, ...] = tuple(i for i, _ in self._each)
         self.ungated: tuple[int, ...] = tuple(sorted(ungated))
@@ -252,11 +266,84 @@ class RegexGate:
         start = _first(self._any_ascii if cased else self._any, data, 0)
         if start < 0:                     # the clean majority: one call into RE2
             return self.ungated
-        if cased:
-            data = data.lower()           # ASCII: the same bytes as text.lower().encode()
-        # No translation matches before the leftmost match of their alternation.
-        found = [i for i, regex in self._each if _first(regex, data, start) >= 0]
+        found: "list[int] | None" = None
+        if self._set_match is not None and (cased or text.isascii()):
+            # ASCII: one pass of the set of ASCII translations names every gated regex that may
+            # match (20 searches from the gate's match cost three times as much).  The gate
+            # matched, so an empty answer can only mean the set's automaton ran out of memory
+            # (RE2 then names nothing): the searches one by one below decide instead.
+            named = self._set_match(data)
+            if named:
+                found = sorted(self._set_index[k] for k in named)
+        if found is None:
+            if cased:
+                data = data.lower()       # ASCII: the same bytes as text.lower().encode()
+            # No translation matches before the leftmost match of their alternation.
+            found = [i for i, regex in self._each if _first(regex, data, start) >= 0]
         return tuple(sorted((*found, *self.ungated))) if self.ungated else tuple(found)
+
+    def finditer(self, index: int, regex: re.Pattern[str], subject: str, start: int, end: int,
+                 ascii: bytes | None) -> Iterator[re.Match[str]]:
+        """The matches of ``regex.finditer(subject, start, end)``, the same ones in the same order
+        (``regex`` is ``regexes[index]``, or a regex it is a superset of).  ``ascii``: ``subject``
+        as bytes, when it is ASCII; RE2 then says where a match may start and ``regex`` is tried
+        there only (``_guided``), instead of at every position of the window."""
+        starts = self._starts.get(index) if ascii is not None else None
+        if starts is None:
+            return regex.finditer(subject, start, end)
+        return _guided(starts, regex, subject, ascii, start, end)
+
+
+_GUIDED_MISSES = 64       # positions RE2 names where the regex then fails, before it searches itself
+
+
+def _guided(starts: Any, regex: re.Pattern[str], subject: str, data: bytes, start: int,
+            end: int) -> Iterator[re.Match[str]]:
+    """``regex.finditer(subject, start, end)`` for ASCII ``subject`` (``data``, its bytes).
+
+    ``starts`` (the untrimmed translation) matches wherever a match of ``regex`` starts, so no
+    match of ``regex`` starts before the leftmost of ``starts`` from ``pos``, ``r``: ``regex``
+    is tried at ``r``, and the search goes on after its match, or from ``r + 1``.  RE2 sees the
+    text as ``regex`` does: what precedes ``pos`` (for ``\b`` and ``^``), nothing past ``end``.
+    An empty match (finditer's rules for what follows one are its own) and a translation that
+    keeps naming places where ``regex`` fails hand the rest of the window to finditer, which
+    from there finds what it would have found from ``start``."""
+    view = memoryview(data)[:end]
+    pos, misses = start, 0
+    while pos < end:
+        r = _first(starts, view, pos)
+        if r < 0:
+            return
+        m = regex.match(subject, r, end)
+        if m is None:
+            misses += 1
+            if misses > _GUIDED_MISSES:
+                yield from regex.finditer(subject, r + 1, end)
+                return
+            pos = r + 1
+            continue
+        if m.end() == m.start():
+            yield from regex.finditer(subject, r, end)
+            return
+        yield m
+        pos = m.end()
+
+
+def _set(compiled: list[tuple[int, str, str, Any]], latin1: Any) -> tuple[Any, tuple[int, ...]]:
+    """An RE2 set of the ASCII translations (unanchored: every one that matches, one pass), as
+    (its match function, the regex index of each member); (None, ()) when it cannot be built."""
+    if not compiled or not hasattr(re2, "Set"):
+        return None, ()
+    try:
+        members = re2.Set.SearchSet(latin1)
+        for _, _, ascii_pattern, _ in compiled:
+            members.Add(f"(?i:{ascii_pattern})".encode())
+        members.Compile()
+    except re2.error:
+        return None, ()
+    raw = getattr(members, "_set", None)      # the binding under the wrapper: a list, [] for none
+    return (raw.Match if raw is not None else lambda data: members.Match(data) or []), \
+        tuple(i for i, _, _, _ in compiled)
 
 
 def _first_public(regex: Any, data: bytes, pos: int) -> int:

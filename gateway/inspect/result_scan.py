@@ -118,12 +118,14 @@ class ResultScanner:
             if len(lowered) != len(norm):        # "İ" lower-cases to two characters
                 lowered = None
             candidates = self._gate.candidates(lowered) if lowered is not None else range(len(self.rules))
+        # ASCII (the lower-cased text is): RE2 says where each rule's matches may start.
+        data = lowered.encode() if lowered is not None and lowered.isascii() else None
         for index, windows in self._plan(lowered, candidates).items():
             rule = self.rules[index]
-            regex, subject = (rule.lower, lowered) if rule.lower is not None and lowered is not None \
-                else (rule.regex, norm)
+            regex, subject, ascii = (rule.lower, lowered, data) if rule.lower is not None and lowered is not None \
+                else (rule.regex, norm, None)
             for start, end in windows or ((0, len(subject)),):
-                for m in regex.finditer(subject, start, end):
+                for m in self._gate.finditer(index, regex, subject, start, end, ascii):
                     if m.end() == m.start():
                         continue
                     found = norm[m.start():m.end()]
