@@ -29,15 +29,21 @@ async def issuer() -> AsyncIterator[DevIssuer]:
         await dev.close()
 
 
-@pytest.fixture
-async def setup(upstream: Factory[Upstream], gateway: Factory[Gateway], issuer: DevIssuer,
-                tmp_path: Path) -> tuple[Upstream, Gateway, DevIssuer]:
-    up = await upstream.astart()
+async def _team(upstream: Factory[Upstream], gateway: Factory[Gateway], issuer: DevIssuer, tmp_path: Path,
+                stateless: bool = False) -> tuple[Upstream, Gateway, DevIssuer]:
+    """One origin ``alpha`` and the virtual server ``team`` over it, with real OAuth."""
+    up = await upstream.astart(stateless=stateless)
     config = with_policy({"auth": {"issuers": [{"issuer": issuer.issuer}]},
                           "servers": {"alpha": {"url": up.url}},
                           "virtual_servers": {"team": {"include": [{"server": "alpha"}]}}}, tmp_path)
     gw = await gateway.astart(config)
     return up, gw, issuer
+
+
+@pytest.fixture
+async def setup(upstream: Factory[Upstream], gateway: Factory[Gateway], issuer: DevIssuer,
+                tmp_path: Path) -> tuple[Upstream, Gateway, DevIssuer]:
+    return await _team(upstream, gateway, issuer, tmp_path)
 
 
 def bearer(issuer: DevIssuer, gw: Gateway, subject: str, mount: str = "team") -> dict[str, str]:
@@ -92,9 +98,17 @@ async def test_requests_without_or_with_an_unknown_session_are_refused_before_an
     assert len(up.records()) == before
 
 
+@pytest.fixture(params=["stateful", "stateless"])
+async def either_origin(request: Any, upstream: Factory[Upstream], gateway: Factory[Gateway], issuer: DevIssuer,
+                        tmp_path: Path) -> tuple[Upstream, Gateway, DevIssuer]:
+    """``setup``, with an origin that keeps sessions or one that keeps none (its route stands for
+    the cached "sessionless" mapping: legacy.py ``OriginRoute.mark``)."""
+    return await _team(upstream, gateway, issuer, tmp_path, stateless=request.param == "stateless")
+
+
 async def test_a_session_presented_by_another_principal_is_404_and_reaches_no_origin(
-        setup: tuple[Upstream, Gateway, DevIssuer]) -> None:
-    up, gw, dev = setup
+        either_origin: tuple[Upstream, Gateway, DevIssuer]) -> None:
+    up, gw, dev = either_origin
     alice, mallory = bearer(dev, gw, "alice"), bearer(dev, gw, "mallory")
     async with http_client() as http:
         sid, _ = await initialize(http, gw.url("team"), alice)
