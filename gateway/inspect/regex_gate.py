@@ -285,7 +285,7 @@ class RegexGate:
     def finditer(self, index: int, regex: re.Pattern[str], subject: str, start: int, end: int,
                  ascii: bytes | None) -> Iterator[re.Match[str]]:
         """The matches of ``regex.finditer(subject, start, end)``, the same ones in the same order
-        (``regex`` is ``regexes[index]``, or a regex it is a superset of).  ``ascii``: ``subject``
+        (``regex`` is ``regexes[index]``, or one that matches nowhere ``regexes[index]`` does not).  ``ascii``: ``subject``
         as bytes, when it is ASCII; RE2 then says where a match may start and ``regex`` is tried
         there only (``_guided``), instead of at every position of the window."""
         starts = self._starts.get(index) if ascii is not None else None

@@ -132,7 +132,8 @@ class VirtualRouter:
         if found is None:
             raise PolicyDenied(named[1].format(name))
         inc, original = found
-        params = ex.message.get("params")     # a request's message is a mapping (parse)
+        msg = ex.message
+        params = msg.get("params") if isinstance(msg, dict) else None      # params_of, inlined
         params = dict(params) if isinstance(params, dict) else {}
         params["name"] = original
         return self._route(ex, vs, inc, method, params, original)
