@@ -88,15 +88,21 @@ def test_translations_are_supersets_on_generated_texts(parts: list[str]) -> None
 
 
 _GATED = ResultScanner(RULES, "low")
-_PLAIN = ResultScanner(RULES, "low")
-object.__setattr__(_PLAIN, "_gate", RegexGate([None] * len(_PLAIN.rules)))
+def _plain(floor: str) -> ResultScanner:
+    """The scanner as it would run without RE2: no gate, triggers found by ``str.find``."""
+    plain = ResultScanner(RULES, floor)
+    object.__setattr__(plain, "_gate", RegexGate([None] * len(plain.rules)))
+    object.__setattr__(plain, "_finders", (None,) * len(plain.rules))
+    return plain
+
+
+_PLAIN = _plain("low")
 
 
 def test_the_scanner_finds_the_same_hits_with_and_without_the_gate() -> None:
     for floor in ("low", "high"):
         gated = ResultScanner(RULES, floor)
-        plain = ResultScanner(RULES, floor)
-        object.__setattr__(plain, "_gate", RegexGate([None] * len(plain.rules)))
+        plain = _plain(floor)
         assert gated._gate.gated and not plain._gate.gated
         for text in TEXTS:
             assert gated.scan(text) == plain.scan(text), text[:200]
@@ -216,6 +222,30 @@ def test_one_set_pass_names_the_candidates_and_a_failed_pass_falls_back() -> Non
                 <= set(by_set)
             named += len(by_set)
     assert named > 200
+
+
+def test_the_trigger_finder_finds_every_start_str_find_finds() -> None:
+    """``substring_finder``: one RE2 pass over ASCII text gives every offset where a trigger
+    starts, overlapping ones included (``ResultScanner._plan``'s windows are built from them)."""
+    from gateway.inspect.regex_gate import substring_finder
+
+    found = 0
+    for rule in RULES.rules:
+        finder = substring_finder(rule.triggers)
+        if finder is None:
+            assert not any(t.isascii() for t in rule.triggers)
+            continue
+        for text in [*TEXTS, " ".join(rule.triggers), "".join(rule.triggers) * 3]:
+            lowered = text.lower()
+            if not lowered.isascii():
+                continue
+            want = sorted({i for t in rule.triggers for i in range(len(lowered)) if lowered.startswith(t, i)})
+            assert finder(lowered.encode()) == want, rule.id
+            found += len(want)
+    assert found > 1_000
+    overlapping = substring_finder(["aa", "a"])
+    assert overlapping is not None and overlapping(b"aaa") == [0, 1, 2]
+    assert substring_finder(["", "a"]) is None and substring_finder(["é"]) is None
 
 
 def test_clean_text_costs_one_pass_and_hostile_text_stays_bounded() -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import re._constants as C
 import re._parser as P
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 try:
     import re2
@@ -292,6 +292,35 @@ class RegexGate:
         if starts is None:
             return regex.finditer(subject, start, end)
         return _guided(starts, regex, subject, ascii, start, end)
+
+
+def substring_finder(words: Iterable[str]) -> "Callable[[bytes], list[int]] | None":
+    """For ASCII text as bytes: every offset where one of ``words`` starts, overlapping ones
+    included, in order (what ``str.find`` from each offset + 1 finds, one RE2 pass over the
+    text instead of a pass per word).  Words that are not ASCII cannot occur there and are left
+    out; None when RE2 is missing, a word is empty or there is no ASCII word."""
+    ascii_words = sorted({w for w in words if w.isascii()})
+    if re2 is None or _UNANCHORED is None or not ascii_words or "" in ascii_words:
+        return None
+    options = re2.Options()
+    options.encoding = re2.Options.Encoding.LATIN1
+    options.log_errors = False
+    try:
+        match = re2.compile("|".join(re2.escape(w) for w in ascii_words).encode(), options)._regexp.Match
+    except (re2.error, AttributeError):
+        return None
+
+    def find(data: bytes) -> list[int]:
+        found: list[int] = []
+        pos, size = 0, len(data)
+        while True:
+            at = match(_UNANCHORED, data, pos, size)[0][0]
+            if at < 0:
+                return found
+            found.append(at)
+            pos = at + 1
+
+    return find
 
 
 _GUIDED_MISSES = 64       # positions RE2 names where the regex then fails, before it searches itself

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 from .poisoning import _STRIP, _WORD, SEVERITIES, TRIGGER_SPAN, _unmix, escape_excerpt
-from .regex_gate import RegexGate
+from .regex_gate import RegexGate, substring_finder
 
 if TYPE_CHECKING:
     from .poisoning import Rule, RuleSet
@@ -95,6 +95,8 @@ class ResultScanner:
         # One RE2 pass says which rules may match the lower-cased text; a case-sensitive rule
         # reads the original text and always runs.
         self._gate = RegexGate([r.lower for r in self.rules])
+        # Each rule's trigger words in ASCII text, found in one RE2 pass (None: str.find each).
+        self._finders = tuple(substring_finder(r.triggers) for r in self.rules)
         # clean(text), for ASCII text: True when no rule can match it (scan would find nothing).
         self.clean = self._gate.clean_ascii
 
@@ -120,7 +122,7 @@ class ResultScanner:
             candidates = self._gate.candidates(lowered) if lowered is not None else range(len(self.rules))
         # ASCII (the lower-cased text is): RE2 says where each rule's matches may start.
         data = lowered.encode() if lowered is not None and lowered.isascii() else None
-        for index, windows in self._plan(lowered, candidates).items():
+        for index, windows in self._plan(lowered, candidates, data).items():
             rule = self.rules[index]
             regex, subject, ascii = (rule.lower, lowered, data) if rule.lower is not None and lowered is not None \
                 else (rule.regex, norm, None)
@@ -145,9 +147,11 @@ class ResultScanner:
                         return hits
         return hits
 
-    def _plan(self, lowered: str | None, candidates: "Iterable[int]") -> dict[int, list[tuple[int, int]] | None]:
+    def _plan(self, lowered: str | None, candidates: "Iterable[int]",
+              ascii: bytes | None = None) -> dict[int, list[tuple[int, int]] | None]:
         """Rule index -> the merged windows around its triggers where it may match (None:
-        everywhere), for the rules the gate cannot rule out."""
+        everywhere), for the rules the gate cannot rule out.  ``ascii``: ``lowered`` as bytes,
+        when it is ASCII (the triggers are then found in one RE2 pass per rule)."""
         if lowered is None:
             return {i: None for i in candidates}
         plan: dict[int, list[tuple[int, int]] | None] = {}
@@ -156,15 +160,19 @@ class ResultScanner:
             if not triggers:
                 plan[owner] = None
                 continue
-            found: list[int] = []
-            for trigger in triggers:
-                i = lowered.find(trigger)
-                while i != -1:
-                    found.append(i)
-                    i = lowered.find(trigger, i + 1)
+            finder = self._finders[owner] if ascii is not None else None
+            if finder is not None:
+                found = finder(ascii)
+            else:
+                found = []
+                for trigger in triggers:
+                    i = lowered.find(trigger)
+                    while i != -1:
+                        found.append(i)
+                        i = lowered.find(trigger, i + 1)
+                found.sort()
             if not found:
                 continue
-            found.sort()
             windows: list[tuple[int, int]] = []
             start, end = max(0, found[0] - TRIGGER_SPAN), found[0] + TRIGGER_SPAN
             for i in found[1:]:
