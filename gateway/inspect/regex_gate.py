@@ -35,6 +35,10 @@ except ImportError:                      # pragma: no cover - declared dependenc
     re2 = None
 
 MAX_MEM = 64 << 20                       # bytes per RE2 object (program + DFA cache)
+# The helpers that only run once the gate matched (the set, each rule's starts): smaller caches.
+# Out of memory, a search falls back to RE2's NFA (slower, still linear) and the set's empty
+# answer to the searches one by one: what these hold back is time, never a match.
+AUX_MAX_MEM = 8 << 20
 _REPEAT_CAP = 1000                       # RE2's largest counted repetition
 
 # Class items, as a superset ("wide") and as a subset ("narrow") of Python's str semantics.
@@ -209,6 +213,10 @@ class RegexGate:
             latin1.max_mem = MAX_MEM
             latin1.log_errors = False
             latin1.encoding = re2.Options.Encoding.LATIN1
+            aux = re2.Options()
+            aux.max_mem = AUX_MAX_MEM
+            aux.log_errors = False
+            aux.encoding = re2.Options.Encoding.LATIN1
             for i, regex in enumerate(regexes):
                 if regex is None:
                     continue
@@ -225,7 +233,7 @@ class RegexGate:
                 try:
                     # Where a match may start in ASCII text (finditer): the untrimmed translation.
                     self._starts[i] = re2.compile(f"(?i:{translate(regex, ascii=True, trim=False)})".encode(),
-                                                  latin1)
+                                                  aux)
                 except (Untranslatable, re.error, re2.error, OverflowError):
                     pass                  # finditer then lets the regex search every position itself
             if compiled:
@@ -238,7 +246,7 @@ class RegexGate:
                     ungated.extend(i for i, _, _, _ in compiled)
                     compiled = []
                     self._starts = {}
-                self._set_match, self._set_index = _set(compiled, latin1)
+                self._set_match, self._set_index = _set(compiled, aux)
         self._each: tuple[tuple[int, Any], ...] = tuple((i, r) for i, _, _, r in compiled)
         self.gated: tuple[int, ...] = tuple(i for i, _ in self._each)
         self.ungated: tuple[int, ...] = tuple(sorted(ungated))
