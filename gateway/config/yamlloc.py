@@ -182,9 +182,7 @@ def _expansion_problem(file: str, root: yaml.Node) -> Problem | None:
         open_.add(key)
         stack.append((node, True))
         for child in _children(node):
-            if id(child) in open_:
-                return Problem(_loc(file, child), "an alias refers to a value that contains it")
-            if id(child) not in sizes:
+            if id(child) not in sizes:        # a child still open is met again above: a cycle
                 stack.append((child, False))
     return None
 

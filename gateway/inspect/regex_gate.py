@@ -206,17 +206,8 @@ class RegexGate:
         self._set_match: Any = None       # ASCII text: every gated regex whose translation matches, in one pass
         self._set_index: tuple[int, ...] = ()
         if re2 is not None:
-            options = re2.Options()
-            options.max_mem = MAX_MEM
-            options.log_errors = False
-            latin1 = re2.Options()
-            latin1.max_mem = MAX_MEM
-            latin1.log_errors = False
-            latin1.encoding = re2.Options.Encoding.LATIN1
-            aux = re2.Options()
-            aux.max_mem = AUX_MAX_MEM
-            aux.log_errors = False
-            aux.encoding = re2.Options.Encoding.LATIN1
+            options, latin1 = _options(MAX_MEM), _options(MAX_MEM, latin1=True)
+            aux = _options(AUX_MAX_MEM, latin1=True)
             for i, regex in enumerate(regexes):
                 if regex is None:
                     continue
@@ -302,6 +293,16 @@ class RegexGate:
         return _guided(starts, regex, subject, ascii, start, end)
 
 
+def _options(max_mem: int, latin1: bool = False) -> Any:
+    """RE2 options: ``max_mem`` bytes (program + DFA cache), no logging, UTF-8 or Latin-1."""
+    options = re2.Options()
+    options.max_mem = max_mem
+    options.log_errors = False
+    if latin1:
+        options.encoding = re2.Options.Encoding.LATIN1
+    return options
+
+
 def substring_finder(words: Iterable[str]) -> "Callable[[bytes], list[int]] | None":
     """For ASCII text as bytes: every offset where one of ``words`` starts, overlapping ones
     included, in order (what ``str.find`` from each offset + 1 finds, one RE2 pass over the
@@ -310,11 +311,9 @@ def substring_finder(words: Iterable[str]) -> "Callable[[bytes], list[int]] | No
     ascii_words = sorted({w for w in words if w.isascii()})
     if re2 is None or _UNANCHORED is None or not ascii_words or "" in ascii_words:
         return None
-    options = re2.Options()
-    options.encoding = re2.Options.Encoding.LATIN1
-    options.log_errors = False
     try:
-        match = re2.compile("|".join(re2.escape(w) for w in ascii_words).encode(), options)._regexp.Match
+        match = re2.compile("|".join(re2.escape(w) for w in ascii_words).encode(),
+                            _options(AUX_MAX_MEM, latin1=True))._regexp.Match
     except (re2.error, AttributeError):
         return None
 

@@ -124,19 +124,12 @@ class VirtualRouter:
         routed or answered here (a tools/call's is the sub-exchange's: one coroutine frame less
         on every resume)."""
         method = ex.method
-        named = _NAMED.get(method)            # tools/call and prompts/get (_by_name, inlined)
-        if named is None:
-            return self._request(ex, vs, method)
-        name = ex.name or ""
-        found = vs.resolve(name, prompt=named[0] == PROMPTS)
-        if found is None:
-            raise PolicyDenied(named[1].format(name))
-        inc, original = found
-        msg = ex.message
-        params = msg.get("params") if isinstance(msg, dict) else None      # params_of, inlined
-        params = dict(params) if isinstance(params, dict) else {}
-        params["name"] = original
-        return self._route(ex, vs, inc, method, params, original)
+        if method in _NAMED:                  # tools/call and prompts/get
+            inc, original = self._by_name(vs, method, ex.name or "")
+            params = params_of(ex)
+            params["name"] = original
+            return self._route(ex, vs, inc, method, params, original)
+        return self._request(ex, vs, method)
 
     async def _request(self, ex: Exchange, vs: "VirtualServerConfig", method: str | None) -> web.StreamResponse:
         """``request`` for every method but tools/call and prompts/get."""
