@@ -18,6 +18,8 @@ import yaml
 
 import gateway
 from gateway.cli import main as cli_main
+from gateway.config.model import load_config
+from gateway.config.yamlloc import load_text
 from tests.support.components import REPO
 from tests.support.gw_helpers import ALLOW_ALL_POLICY, run_cli
 
@@ -106,6 +108,51 @@ def test_check_points_at_each_problem_as_file_line_col_and_exits_non_zero(
     code, err = check(path, capsys)
     assert code != 0
     assert where in problems(err, path), (where, err)
+
+
+MERGED = BASE.replace("  up:\n", "  up: &server\n") + """\
+    scan_results: {action: mask, min_severity: medium}
+  mirror:
+    <<: *server
+    url: http://127.0.0.1:3002/mcp
+"""
+
+
+def test_a_key_written_over_a_merge_key_is_an_override_not_a_duplicate(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``<<: *anchor`` then a key of its own: the YAML way to share a server's settings."""
+    path = write(tmp_path, MERGED)
+    code, err = check(path, capsys)
+    assert (code, err) == (0, "")
+    config = load_config(str(path))
+    up, mirror = config.servers["up"], config.servers["mirror"]
+    assert (up.url, mirror.url) == ("http://127.0.0.1:3001/mcp", "http://127.0.0.1:3002/mcp")
+    assert mirror.scan_results is not None and mirror.scan_results.action == "mask"
+    assert mirror.scan_results.min_severity == "medium"
+
+
+MERGE_CASES = [
+    # (id, YAML, the mapping "b" it reads as, or the (line, col) of the problem)
+    ("a key written here wins", "a: &a {k: 1, j: 1}\nb:\n  <<: *a\n  k: 2\n", {"k": 2, "j": 1}),
+    ("the first of a list of merged mappings wins", "a: &a {key_one: 1, j: 1}\nc: &c {key_one: 2, m: 2}\n"
+     "b:\n  <<: [*a, *c]\n", {"key_one": 1, "j": 1, "m": 2}),
+    ("a merge inside a merged mapping", "a: &a {k: 1, j: 1}\nc: &c {<<: *a, k: 2}\nb: {<<: *c, j: 3}\n",
+     {"k": 2, "j": 3}),
+    ("a key written twice next to a merge", "a: &a {k: 1}\nb:\n  <<: *a\n  k: 2\n  k: 3\n", (5, 3)),
+    ("a merge of a scalar", "b:\n  <<: 3\n  k: 1\n", (2, 7)),
+    ("a merge of a list holding a scalar", "a: &a {k: 1}\nb:\n  <<: [*a, 3]\n", (3, 12)),
+    ("a merge of itself", "a: &a {<<: *a}\n", (1, 4)),
+    ("a problem inside a merged mapping, reported once", "a: &a {k: no}\nb: {<<: *a}\n", (1, 11)),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), [c[1:] for c in MERGE_CASES], ids=[c[0] for c in MERGE_CASES])
+def test_the_merge_key_reads_as_yaml_says_whatever_the_pyyaml_release(text: str, expected: Any) -> None:
+    value, found = load_text(text, "f.yaml")
+    if isinstance(expected, dict):
+        assert found == [] and dict(value["b"]) == expected
+    else:
+        assert [(p.loc.line, p.loc.col) for p in found] == [expected], found
 
 
 def test_check_reports_every_problem_in_one_run(tmp_path: Path) -> None:

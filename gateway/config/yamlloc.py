@@ -89,7 +89,8 @@ def _loc(file: str, node: yaml.Node) -> Loc:
     return Loc(file, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-_MAP, _SEQ = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+_MAP, _SEQ, _STR = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:str"
+_MERGE, _VALUE = "tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"
 # What PyYAML's constructors raise on a scalar its explicit tag cannot read (``!!int abc``,
 # ``!!timestamp x``, ``!!bool maybe``): plain Python errors, not YAMLError.
 _CONSTRUCT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
@@ -104,14 +105,21 @@ def _convert(file: str, node: yaml.Node, loader: _StrictLoader, problems: list[P
         problems.append(Problem(_loc(file, node), f"the tag {node.tag!r} is not supported on a {kind}"))
         return None
     if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)
+        merged, written = _merge_pairs(file, node, problems)
         out = LDict(_loc(file, node))
-        for key_node, value_node in node.value:
+        inherited: set[Any] = set()
+        for n, (key_node, value_node) in enumerate(merged + written):
             key = _convert(file, key_node, loader, problems)
             if isinstance(key, (LDict, LList)):
                 problems.append(Problem(_loc(file, key_node), "a mapping key must be a scalar"))
                 continue
-            if key in out:
+            if n < len(merged):
+                if key in out:            # an earlier merged mapping's key wins
+                    continue
+                inherited.add(key)
+            elif key in inherited:        # a key written here overrides what a merge brought in
+                inherited.discard(key)
+            elif key in out:
                 problems.append(Problem(
                     _loc(file, key_node),
                     f"duplicate key {key!r} (first defined at line {out.at(key).line})",
@@ -150,6 +158,34 @@ def _convert(file: str, node: yaml.Node, loader: _StrictLoader, problems: list[P
         problems.append(Problem(_loc(file, node), f"invalid YAML: this value cannot be read as "
                                                   f"!!{node.tag.rsplit(':', 1)[-1]}"))
         return None
+
+
+_Pair = tuple[yaml.Node, yaml.Node]
+
+
+def _merge_pairs(file: str, node: yaml.MappingNode, problems: list[Problem]) -> tuple[list[_Pair], list[_Pair]]:
+    """YAML's merge key (``<<: *defaults``, ``<<: [*a, *b]``): (the pairs merged in, the pairs
+    written in ``node`` itself).  A key written in the mapping overrides a merged one, and of
+    two merged mappings the earlier one wins, whichever PyYAML version reads the file (its own
+    ``flatten_mapping`` changed that order between releases).  The alias-cycle check has run,
+    so the recursion ends."""
+    merged: list[_Pair] = []
+    written: list[_Pair] = []
+    for key_node, value_node in node.value:
+        if key_node.tag != _MERGE:
+            if key_node.tag == _VALUE:        # "=" as a key: the string, as PyYAML reads it
+                key_node.tag = _STR
+            written.append((key_node, value_node))
+            continue
+        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for source in sources:
+            if not isinstance(source, yaml.MappingNode) or source.tag != _MAP:
+                problems.append(Problem(_loc(file, source), "a merge key (<<) takes a mapping or a list of "
+                                                            "mappings"))
+                continue
+            inner_merged, inner_written = _merge_pairs(file, source, problems)
+            merged.extend(inner_written + inner_merged)
+    return merged, written
 
 
 # Aliases make a document a graph: ten lines of nested aliases ("billion laughs") expand to
@@ -206,7 +242,9 @@ def load_text(text: str, file: str) -> tuple[Any, list[Problem]]:
         expansion = _expansion_problem(file, node)
         if expansion is not None:
             return None, [expansion]
-        return _convert(file, node, loader, problems), problems
+        value = _convert(file, node, loader, problems)
+        # A value reached through an alias or a merge is read again there: its problems once.
+        return value, list(dict.fromkeys(problems))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         loc = Loc(file, mark.line + 1, mark.column + 1) if mark else Loc(file, 1, 1)
