@@ -142,6 +142,8 @@ MERGE_CASES = [
     ("a merge of a scalar", "b:\n  <<: 3\n  k: 1\n", (2, 7)),
     ("a merge of a list holding a scalar", "a: &a {k: 1}\nb:\n  <<: [*a, 3]\n", (3, 12)),
     ("a merge of itself", "a: &a {<<: *a}\n", (1, 4)),
+    ("merges that expand a billion-fold", "a0: &a0 {" + ", ".join(f"k{i}: {i}" for i in range(9)) + "}\n" + "".join(
+        f"a{j}: &a{j} {{<<: [{', '.join([f'*a{j - 1}'] * 9)}], own{j}: 1}}\n" for j in range(1, 8)), (5, 14)),
     ("a problem inside a merged mapping, reported once", "a: &a {k: no}\nb: {<<: *a}\n", (1, 11)),
 ]
 
