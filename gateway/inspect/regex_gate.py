@@ -196,9 +196,14 @@ def translate(regex: re.Pattern[str], ascii: bool = False, trim: bool = True) ->
 class RegexGate:
     """Which of ``regexes`` (indexed as given) may match a text; immutable, thread-safe."""
 
-    def __init__(self, regexes: Sequence[re.Pattern[str] | None]) -> None:
-        """``regexes[i]`` is None for a regex that must always run (never gated)."""
+    def __init__(self, regexes: Sequence[re.Pattern[str] | None],
+                 gates: "dict[int, re.Pattern[str]] | None" = None) -> None:
+        """``regexes[i]`` is None for a regex that must always run (never gated).  ``gates[i]``,
+        when given, decides instead whether ``regexes[i]`` is a candidate: a regex that matches
+        (within) every match of ``regexes[i]`` that the caller would act on, so that a text it
+        clears holds none of those (``finditer`` still finds where ``regexes[i]`` matches)."""
         compiled: list[tuple[int, str, str, Any]] = []
+        gates = gates or {}
         ungated = [i for i, regex in enumerate(regexes) if regex is None or re2 is None]
         self._any: Any = None
         self._any_ascii: Any = None
@@ -212,7 +217,8 @@ class RegexGate:
                 if regex is None:
                     continue
                 try:
-                    pattern, ascii_pattern = translate(regex), translate(regex, ascii=True)
+                    gate = gates.get(i, regex)
+                    pattern, ascii_pattern = translate(gate), translate(gate, ascii=True)
                     wide = re2.compile(pattern, options)
                     if wide.search("") is not None:
                         raise Untranslatable("matches the empty string: it would let every text through")

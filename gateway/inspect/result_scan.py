@@ -24,12 +24,15 @@ The caller caps the characters scanned per message.
 """
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
-from .poisoning import _STRIP, _WORD, SEVERITIES, TRIGGER_SPAN, _unmix, escape_excerpt
+import yaml
+
+from .poisoning import _STRIP, _WORD, BUILTIN_RULES, SEVERITIES, TRIGGER_SPAN, _unmix, escape_excerpt
 from .regex_gate import RegexGate, substring_finder
 
 if TYPE_CHECKING:
@@ -61,6 +64,18 @@ _OTHER_SECRETS = (".ssh", "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", ".pem", 
                   ".netrc", "credential", ".docker", ".kube", "kubeconfig", "mcp.json", "claude_desktop", ".cursor/",
                   "keychain", "wallet", ".gnupg", "private", "ssh", "seed", "mnemonic")
 _PLACEHOLDER = ("{{", "${", "%7b%7b")
+# What the gate looks for instead of a rule, when the rule's findings in results count only
+# under a condition and the floor is above the unconditional severity: a markdown image is high
+# only with a placeholder in its match (alt text or URL), so with the floor at high a README's
+# badges (``![coverage](https://…?token=…)``) need not wake the rule.  Each pattern matches
+# (within) every match of the rule that holds a placeholder, over the lower-cased text as the
+# rule reads it: the alt text and the URL are runs of characters these classes contain.
+# Written for the built-in rule's pattern: a rules file that changes the pattern gets no such gate.
+_CONDITIONAL_GATES = {
+    "markdown_image_exfiltration": re.compile(
+        r"!\[[^\]!\n]{0,200}?(?:\{\{|\$\{|%7b%7b)"
+        r"|!\[[^\]!\n]{0,200}\]\(\s*https?://[^)\s]*?(?:\{\{|\$\{|%7b%7b)"),
+}
 TAG_RULE = "tag_characters"
 _TAGS = re.compile("[\U000e0000-\U000e007f]+")
 # Zero-width, format, bidi and tag characters that split a word ("ign\u200bore") are dropped
@@ -94,7 +109,10 @@ class ResultScanner:
         self.tag_severity = tag if tag is not None and rank(tag) >= floor else None
         # One RE2 pass says which rules may match the lower-cased text; a case-sensitive rule
         # reads the original text and always runs.
-        self._gate = RegexGate([r.lower for r in self.rules])
+        gates = {i: _CONDITIONAL_GATES[r.id] for i, r in enumerate(self.rules)
+                 if r.id in _CONDITIONAL_GATES and rank(RESULT_SEVERITY.get(r.id, r.severity)) < floor
+                 and r.lower is not None and r.lower.pattern == _builtin_patterns().get(r.id)}
+        self._gate = RegexGate([r.lower for r in self.rules], gates)
         # Each rule's trigger words in ASCII text, found in one RE2 pass (None: str.find each).
         self._finders = tuple(substring_finder(r.triggers) for r in self.rules)
         # clean(text), for ASCII text: True when no rule can match it (scan would find nothing).
@@ -183,6 +201,14 @@ class ResultScanner:
             windows.append((start, min(end, len(lowered))))
             plan[owner] = windows
         return plan
+
+
+@functools.cache
+def _builtin_patterns() -> dict[str, str]:
+    """Rule id -> pattern, as the built-in rules file writes them."""
+    with open(BUILTIN_RULES, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    return {r["id"]: r["pattern"] for r in data.get("rules", ()) if "pattern" in r}
 
 
 def normalise(text: str) -> tuple[str, list[int] | None]:
