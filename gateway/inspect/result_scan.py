@@ -28,7 +28,7 @@ import functools
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import yaml
 
@@ -64,18 +64,48 @@ _OTHER_SECRETS = (".ssh", "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", ".pem", 
                   ".netrc", "credential", ".docker", ".kube", "kubeconfig", "mcp.json", "claude_desktop", ".cursor/",
                   "keychain", "wallet", ".gnupg", "private", "ssh", "seed", "mnemonic")
 _PLACEHOLDER = ("{{", "${", "%7b%7b")
-# What the gate looks for instead of a rule, when the rule's findings in results count only
-# under a condition and the floor is above the unconditional severity: a markdown image is high
-# only with a placeholder in its match (alt text or URL), so with the floor at high a README's
-# badges (``![coverage](https://…?token=…)``) need not wake the rule.  Each pattern matches
-# (within) every match of the rule that holds a placeholder, over the lower-cased text as the
-# rule reads it: the alt text and the URL are runs of characters these classes contain.
-# Written for the built-in rule's pattern: a rules file that changes the pattern gets no such gate.
-_CONDITIONAL_GATES = {
-    "markdown_image_exfiltration": re.compile(
-        r"!\[[^\]!\n]{0,200}?(?:\{\{|\$\{|%7b%7b)"
-        r"|!\[[^\]!\n]{0,200}\]\(\s*https?://[^)\s]*?(?:\{\{|\$\{|%7b%7b)"),
+# What the gate looks for instead of a rule when some of the rule's findings in results are
+# medium and the floor is above that: the gate need only let through a text where the rule may
+# find something that still counts.  Each gate is built from the built-in rule's pattern (a
+# rules file that changes the pattern gets none) and matches (within) every such match of the
+# rule, over the lower-cased text as the rule reads it.
+_ENV = r"\.env\b"
+_PLACEHOLDERS = r"(?:\{\{|\$\{|%7b%7b)"
+_GAP = r"[^\n]{0,80}?"           # the file rule's gap between an instruction and a file
+
+
+def _image_gate(_pattern: str) -> str:
+    """A markdown image is high only with a placeholder in its match: in the alt text or in the
+    URL, runs of characters these classes contain.  A README's badges
+    (``![coverage](https://…?token=…)``) no longer wake the rule."""
+    return (rf"!\[[^\]!\n]{{0,200}}?{_PLACEHOLDERS}"
+            rf"|!\[[^\]!\n]{{0,200}}\]\(\s*https?://[^)\s]*?{_PLACEHOLDERS}")
+
+
+def _file_gate(pattern: str) -> str | None:
+    """A file instruction that names ``.env`` is medium unless its match names another secret
+    too.  High matches: every match of the rule without ``.env`` among its files (what a match
+    whose file is another one is, whatever its gap holds); a ``.env`` match of the first form
+    (instruction, gap, file) with another secret in its gap; one of the second form (``.env``,
+    gap, ``as the X parameter``) with another secret in its gap (no dot, no line break there) or
+    in the parameter's name.  None when the pattern is not the shape this reads."""
+    if pattern.count("|" + _ENV) != 3 or pattern.count(_GAP) != 1:
+        return None
+    instruction = pattern[:pattern.index(_GAP)]
+    anywhere = "|".join(re.escape(k) for k in _OTHER_SECRETS)
+    in_gap = "|".join(re.escape(k) for k in _OTHER_SECRETS if "." not in k)
+    in_name = "|".join(re.escape(k) for k in _OTHER_SECRETS if re.fullmatch(r"\w+", k))
+    return (f"(?:{pattern.replace('|' + _ENV, '')})"
+            f"|{instruction}{_GAP}(?:{anywhere}){_GAP}{_ENV}"
+            rf"|{_ENV}[^.\n]{{0,60}}?(?:{in_gap})"
+            rf"|{_ENV}[^.\n]{{0,60}}?\b(?:as|in|into|to|inside)\s+(?:the\s+)?[`'\"]?\w*?(?:{in_name})")
+
+
+_CONDITIONAL_GATES: "dict[str, Callable[[str], str | None]]" = {
+    "markdown_image_exfiltration": _image_gate,
+    "sensitive_file_instruction": _file_gate,
 }
+_CONDITIONAL_BELOW = "medium"      # the severity of the findings these gates leave out
 TAG_RULE = "tag_characters"
 _TAGS = re.compile("[\U000e0000-\U000e007f]+")
 # Zero-width, format, bidi and tag characters that split a word ("ign\u200bore") are dropped
@@ -109,9 +139,13 @@ class ResultScanner:
         self.tag_severity = tag if tag is not None and rank(tag) >= floor else None
         # One RE2 pass says which rules may match the lower-cased text; a case-sensitive rule
         # reads the original text and always runs.
-        gates = {i: _CONDITIONAL_GATES[r.id] for i, r in enumerate(self.rules)
-                 if r.id in _CONDITIONAL_GATES and rank(RESULT_SEVERITY.get(r.id, r.severity)) < floor
-                 and r.lower is not None and r.lower.pattern == _builtin_patterns().get(r.id)}
+        gates: dict[int, re.Pattern[str]] = {}
+        if rank(_CONDITIONAL_BELOW) < floor:
+            for i, r in enumerate(self.rules):
+                build = _CONDITIONAL_GATES.get(r.id)
+                if build is not None and r.lower is not None and r.lower.pattern == _builtin_patterns().get(r.id) \
+                        and (gate := build(r.lower.pattern)) is not None:
+                    gates[i] = re.compile(gate, r.lower.flags)
         self._gate = RegexGate([r.lower for r in self.rules], gates)
         # Each rule's trigger words in ASCII text, found in one RE2 pass (None: str.find each).
         self._finders = tuple(substring_finder(r.triggers) for r in self.rules)
