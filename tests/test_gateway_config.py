@@ -136,6 +136,11 @@ MERGE_CASES = [
     ("a key written here wins", "a: &a {k: 1, j: 1}\nb:\n  <<: *a\n  k: 2\n", {"k": 2, "j": 1}),
     ("the first of a list of merged mappings wins", "a: &a {key_one: 1, j: 1}\nc: &c {key_one: 2, m: 2}\n"
      "b:\n  <<: [*a, *c]\n", {"key_one": 1, "j": 1, "m": 2}),
+    # PyYAML 6.0.4 alone keeps the last here: it dedupes merged keys by object identity, and a
+    # long key is not interned.
+    ("the first wins for a long key too", "a: &a {a_key_long_enough_not_to_be_interned: 1}\n"
+     "c: &c {a_key_long_enough_not_to_be_interned: 2}\nb:\n  <<: [*a, *c]\n",
+     {"a_key_long_enough_not_to_be_interned": 1}),
     ("a merge inside a merged mapping", "a: &a {k: 1, j: 1}\nc: &c {<<: *a, k: 2}\nb: {<<: *c, j: 3}\n",
      {"k": 2, "j": 3}),
     ("a key written twice next to a merge", "a: &a {k: 1}\nb:\n  <<: *a\n  k: 2\n  k: 3\n", (5, 3)),

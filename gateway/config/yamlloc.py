@@ -166,9 +166,10 @@ _Pair = tuple[yaml.Node, yaml.Node]
 def _merge_pairs(file: str, node: yaml.MappingNode, problems: list[Problem]) -> tuple[list[_Pair], list[_Pair]]:
     """YAML's merge key (``<<: *defaults``, ``<<: [*a, *b]``): (the pairs merged in, the pairs
     written in ``node`` itself).  A key written in the mapping overrides a merged one, and of
-    two merged mappings the earlier one wins, whichever PyYAML version reads the file (its own
-    ``flatten_mapping`` changed that order between releases).  The alias-cycle check has run,
-    so the recursion ends."""
+    two merged mappings the earlier one wins, as YAML says.  (PyYAML 6.0.4's own
+    ``flatten_mapping`` dedupes merged keys by object identity: the first mapping won for a
+    short, interned key and the last for a long one.)  The alias-cycle check has run, so the
+    recursion ends."""
     merged: list[_Pair] = []
     written: list[_Pair] = []
     for key_node, value_node in node.value:
