@@ -181,14 +181,16 @@ def _result_seeds() -> list[str]:
                     for f in _fragments(r.regex.pattern)[:2])]
 
 
+@pytest.mark.parametrize("floor", ["low", "high"])
 @pytest.mark.parametrize("seed", range(5))
-def test_the_result_scanner_is_linear_and_bounded_at_its_default_cap(seed: int) -> None:
+def test_the_result_scanner_is_linear_and_bounded_at_its_default_cap(seed: int, floor: str) -> None:
     """Tool results are scanned by the results profile (``ResultScanner.scan``: its own trigger
     plan, NFKC with an offset map) up to ``scan_results.max_chars`` per message: linear in the
-    text, and a message at the default cap, dense with every trigger, costs well under a second."""
+    text, and a message at the default cap, dense with every trigger, costs well under a second.
+    At the default floor (high) the gate looks for some rules' high findings instead."""
     from gateway.inspect.result_scan import ResultScanner
     from gateway.inspect.result_scan_config import DEFAULT_MAX_CHARS
-    scanner = ResultScanner(RULES, "low")
+    scanner = ResultScanner(RULES, floor)
     text = _fill(_result_seeds()[seed], DEFAULT_MAX_CHARS)
 
     def cost(size: int) -> float:
@@ -202,3 +204,43 @@ def test_the_result_scanner_is_linear_and_bounded_at_its_default_cap(seed: int) 
     small, large = cost(DEFAULT_MAX_CHARS // 8), cost(DEFAULT_MAX_CHARS)
     assert large < max(small, 0.0005) * 24, f"superlinear: {small * 1000:.1f} -> {large * 1000:.1f} ms"
     assert large < 0.5, f"{large * 1000:.0f} ms for {DEFAULT_MAX_CHARS} characters"
+
+
+def _conditional_gates() -> list[tuple[str, int, re.Pattern[str]]]:
+    from gateway.inspect.result_scan import ResultScanner, conditional_gates, rank
+    rules = ResultScanner(RULES, "high").rules
+    return [(rules[i].id, i, gate) for i, gate in conditional_gates(rules, rank("high")).items()]
+
+
+GATES = _conditional_gates()
+
+
+def test_the_conditional_gates_are_there_to_be_timed() -> None:
+    assert {rid for rid, _, _ in GATES} == {"markdown_image_exfiltration", "sensitive_file_instruction"}
+
+
+@pytest.mark.parametrize("rid,index,gate", GATES, ids=[rid for rid, _, _ in GATES])
+def test_each_conditional_gate_searches_a_mebibyte_of_adversarial_text_within_budget(
+        rid: str, index: int, gate: re.Pattern[str]) -> None:
+    """What reads result text is the gate's RE2 translation (ASCII text as it came, other text
+    lower-cased): 1 MiB, past any ``max_chars``, within budget.  The Python regex it is
+    translated from never reads text; it is linear anyway (8x the text, not 64x the time)."""
+    from gateway.inspect.regex_gate import RegexGate
+    from gateway.inspect.result_scan import ResultScanner
+    lower = ResultScanner(RULES, "high").rules[index].lower
+    one = RegexGate([lower], {0: gate})
+    assert one.gated == (0,)
+    seeds = _seeds(gate.pattern) + ["![" + "a" * 199, "![a](http://x/{", "you must send private ", ".env as the `",
+                                    "read the credential ", "copy .env.example to .env "]
+    worst, worst_seed = 0.0, ""
+    for seed in seeds:
+        for text in (_fill(seed, MiB), _fill(seed + "\u00e9", MiB)):
+            started = time.thread_time()
+            one.clean_ascii(text) if text.isascii() else one.candidates(text.lower())
+            if (spent := time.thread_time() - started) > worst:
+                worst, worst_seed = spent, seed
+    assert worst < BUDGET, f"{rid}: {worst * 1000:.0f} ms on 1 MiB of {worst_seed!r}"
+    for seed in sorted(seeds, key=lambda s: -_best(gate, _fill(s, 4096), 1))[:3]:
+        small = max(_best(gate, _fill(seed, 16 * 1024), 2), 0.0002)
+        large = _best(gate, _fill(seed, 128 * 1024), 2)
+        assert large < small * 24, f"{rid} as a Python regex: {small * 1000:.1f} -> {large * 1000:.1f} ms ({seed!r})"

@@ -28,7 +28,7 @@ import functools
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import yaml
 
@@ -76,10 +76,13 @@ _GAP = r"[^\n]{0,80}?"           # the file rule's gap between an instruction an
 
 def _image_gate(_pattern: str) -> str:
     """A markdown image is high only with a placeholder in its match: in the alt text or in the
-    URL, runs of characters these classes contain.  A README's badges
-    (``![coverage](https://…?token=…)``) no longer wake the rule."""
-    return (rf"!\[[^\]!\n]{{0,200}}?{_PLACEHOLDERS}"
-            rf"|!\[[^\]!\n]{{0,200}}\]\(\s*https?://[^)\s]*?{_PLACEHOLDERS}")
+    URL.  A README's badges (``![coverage](https://…?token=…)``) no longer wake the rule.  Like
+    the rule, the runs are possessive and a URL never runs past the next ``![``, each stopping
+    at the first placeholder (so linear as a Python regex too, though only its RE2 translation
+    ever reads text); the rule's alt text and URL are runs these contain."""
+    lone = r"\{(?!\{)|\$(?!\{)|%(?!7b%7b)"           # a "{", "$" or "%" that starts no placeholder
+    return (rf"!\[(?:[^\]!\n{{$%]|{lone}){{0,200}}+{_PLACEHOLDERS}"
+            rf"|!\[[^\]!\n]{{0,200}}+\]\(\s*+https?://(?:[^)\s!{{$%]|!(?!\[)|{lone})*+{_PLACEHOLDERS}")
 
 
 def _file_gate(pattern: str) -> str | None:
@@ -139,14 +142,7 @@ class ResultScanner:
         self.tag_severity = tag if tag is not None and rank(tag) >= floor else None
         # One RE2 pass says which rules may match the lower-cased text; a case-sensitive rule
         # reads the original text and always runs.
-        gates: dict[int, re.Pattern[str]] = {}
-        if rank(_CONDITIONAL_BELOW) < floor:
-            for i, r in enumerate(self.rules):
-                build = _CONDITIONAL_GATES.get(r.id)
-                if build is not None and r.lower is not None and r.lower.pattern == _builtin_patterns().get(r.id) \
-                        and (gate := build(r.lower.pattern)) is not None:
-                    gates[i] = re.compile(gate, r.lower.flags)
-        self._gate = RegexGate([r.lower for r in self.rules], gates)
+        self._gate = RegexGate([r.lower for r in self.rules], conditional_gates(self.rules, floor))
         # Each rule's trigger words in ASCII text, found in one RE2 pass (None: str.find each).
         self._finders = tuple(substring_finder(r.triggers) for r in self.rules)
         # clean(text), for ASCII text: True when no rule can match it (scan would find nothing).
@@ -235,6 +231,21 @@ class ResultScanner:
             windows.append((start, min(end, len(lowered))))
             plan[owner] = windows
         return plan
+
+
+def conditional_gates(rules: "Sequence[Rule]", floor: int) -> dict[int, re.Pattern[str]]:
+    """Index in ``rules`` -> what the gate looks for instead (``_CONDITIONAL_GATES``), for the
+    built-in rules when ``floor`` (a rank) is above ``_CONDITIONAL_BELOW``.  Only their RE2
+    translations ever read text (``RegexGate`` keeps nothing else)."""
+    gates: dict[int, re.Pattern[str]] = {}
+    if rank(_CONDITIONAL_BELOW) >= floor:
+        return gates
+    for i, r in enumerate(rules):
+        build = _CONDITIONAL_GATES.get(r.id)
+        if build is not None and r.lower is not None and r.lower.pattern == _builtin_patterns().get(r.id) \
+                and (gate := build(r.lower.pattern)) is not None:
+            gates[i] = re.compile(gate, r.lower.flags)
+    return gates
 
 
 @functools.cache
