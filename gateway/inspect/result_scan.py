@@ -28,11 +28,9 @@ import functools
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-import yaml
-
-from .poisoning import _STRIP, _WORD, BUILTIN_RULES, SEVERITIES, TRIGGER_SPAN, _unmix, escape_excerpt
+from .poisoning import _STRIP, _WORD, BUILTIN_RULES, DETECTORS, SEVERITIES, TRIGGER_SPAN, _unmix, escape_excerpt
 from .regex_gate import RegexGate, substring_finder
 
 if TYPE_CHECKING:
@@ -70,7 +68,10 @@ _PLACEHOLDER = ("{{", "${", "%7b%7b")
 # rules file that changes the pattern gets none) and matches (within) every such match of the
 # rule, over the lower-cased text as the rule reads it.
 _ENV = r"\.env\b"
-_PLACEHOLDERS = r"(?:\{\{|\$\{|%7b%7b)"
+# _PLACEHOLDER as a regex; and one character that starts none (a lone "{", "$" or "%").
+_PLACEHOLDERS = "(?:" + "|".join(re.escape(p) for p in _PLACEHOLDER) + ")"
+_NOT_PLACEHOLDER = "|".join(f"{re.escape(p[0])}(?!{re.escape(p[1:])})" for p in _PLACEHOLDER)
+_FIRSTS = "".join(sorted({re.escape(p[0]) for p in _PLACEHOLDER}))
 _GAP = r"[^\n]{0,80}?"           # the file rule's gap between an instruction and a file
 
 
@@ -80,9 +81,9 @@ def _image_gate(_pattern: str) -> str:
     the rule, the runs are possessive and a URL never runs past the next ``![``, each stopping
     at the first placeholder (so linear as a Python regex too, though only its RE2 translation
     ever reads text); the rule's alt text and URL are runs these contain."""
-    lone = r"\{(?!\{)|\$(?!\{)|%(?!7b%7b)"           # a "{", "$" or "%" that starts no placeholder
-    return (rf"!\[(?:[^\]!\n{{$%]|{lone}){{0,200}}+{_PLACEHOLDERS}"
-            rf"|!\[[^\]!\n]{{0,200}}+\]\(\s*+https?://(?:[^)\s!{{$%]|!(?!\[)|{lone})*+{_PLACEHOLDERS}")
+    return (rf"!\[(?:[^\]!\n{_FIRSTS}]|{_NOT_PLACEHOLDER}){{0,200}}+{_PLACEHOLDERS}"
+            rf"|!\[[^\]!\n]{{0,200}}+\]\(\s*+https?://(?:[^)\s!{_FIRSTS}]|!(?!\[)|{_NOT_PLACEHOLDER})*+"
+            rf"{_PLACEHOLDERS}")
 
 
 def _file_gate(pattern: str) -> str | None:
@@ -250,10 +251,13 @@ def conditional_gates(rules: "Sequence[Rule]", floor: int) -> dict[int, re.Patte
 
 @functools.cache
 def _builtin_patterns() -> dict[str, str]:
-    """Rule id -> pattern, as the built-in rules file writes them."""
-    with open(BUILTIN_RULES, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
-    return {r["id"]: r["pattern"] for r in data.get("rules", ()) if "pattern" in r}
+    """Rule id -> pattern, as the built-in rules file writes them (read as ``RuleSet.load``
+    reads it)."""
+    from .poisoning_load import read_rules_file
+
+    rules: dict[str, dict[str, Any]] = {}
+    read_rules_file(BUILTIN_RULES, rules, {k: dict(v) for k, v in DETECTORS.items()}, [])
+    return {rid: spec["pattern"] for rid, spec in rules.items() if isinstance(spec.get("pattern"), str)}
 
 
 def normalise(text: str) -> tuple[str, list[int] | None]:
