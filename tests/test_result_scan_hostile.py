@@ -6,6 +6,7 @@ marker (#12 item 3).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,58 @@ async def test_a_high_finding_after_a_hundred_medium_ones_is_blocked_and_the_med
         assert blocked["isError"] is True and blocked["_meta"][META_KEY]["action"] == "blocked"
         assert "markdown_image_exfiltration" in json.dumps(blocked["_meta"][META_KEY])
         assert "chat_history" not in json.dumps(blocked).lower() and "{{conversation" not in json.dumps(blocked)
+
+
+async def _raw(gw: Any, head: bytes, body: bytes) -> bytes:
+    """Send ``head`` and ``body`` on a raw socket (the body possibly shorter than announced);
+    the status line and headers of what comes back."""
+    host, port = gw.base_url.split("//")[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+
+
+async def test_a_low_privilege_token_and_unauthenticated_sockets_never_reach_the_scanned_tool(
+        idp: Any, gateway: Any, evil: EvilUpstream, tmp_path: Path) -> None:
+    """The gates decide about results of calls the policy allowed, and only those: a token
+    without the tool's scope is refused before the upstream; so are an unauthenticated request
+    announcing a huge body and one whose body never arrives.  The allowed call's result (a
+    secret next to .env after 120 medium lines) is still scanned and blocked."""
+    as_ = await idp.astart()
+    policies = tmp_path / "scoped"
+    policies.mkdir()
+    (policies / "blk.yaml").write_text(
+        "servers:\n  blk:\n    destructive: allow\n    tools:\n"
+        "      - {id: dump-writes, match: dump, scopes: [mcp:write]}\n"
+        "      - {id: guide-reads, match: guide, scopes: [mcp:read]}\n"
+        "    methods:\n      - {id: all-methods, match: ['**']}\n")
+    script(evil, {name: lambda rid: as_json(tool_result(rid, {"content": [{"type": "text", "text": ENV_SECRET}]}))
+                  for name in ("dump", "guide")})
+    gw = await gateway.astart({"auth": {"issuers": [{"issuer": as_.issuer}]}, "policies": str(policies),
+                               "limits": {"body_timeout": "1s"},
+                               "servers": {"blk": {"url": evil.url, "pinning": {"mode": "off"},
+                                                   "scan_results": {"action": "block"}}}})
+    url = gw.url("blk")
+    reader = {"Authorization": f"Bearer {as_.client_credentials(url, 'mcp:read')}", **modern_headers("tools/call")}
+    async with http_client() as client:
+        for tool, status in (("dump", 403), ("guide", 200)):
+            msg = rpc("tools/call", modern_params({"name": tool, "arguments": {}}))
+            reply = await post(client, url, msg, {**reader, "Mcp-Name": tool}, version=None)
+            assert reply.status == status, (tool, reply)
+        assert reply.error_reason is None
+        blocked = reply.response_to(msg["id"])["result"]
+        assert blocked["isError"] is True and blocked["_meta"][META_KEY]["action"] == "blocked"
+    path = url.split("//")[1].split("/", 1)[1]
+    head = (f"POST /{path} HTTP/1.1\r\nHost: {gw.base_url.split('//')[1]}\r\n"
+            f"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n").encode()
+    huge = await _raw(gw, head + b"Content-Length: 1073741824\r\n\r\n", b"[" * 65536)
+    slow = await _raw(gw, head + b"Content-Length: 4096\r\n\r\n", b'{"jsonrpc": "2.0", ')
+    for answer in (huge, slow):           # refused at once, before the body is read
+        assert answer.startswith(b"HTTP/1.1 401 ") and b"www-authenticate: bearer" in answer.lower(), answer
+    called = [json.loads(body)["params"]["name"] for method, _, body in evil.requests
+              if method == "POST" and body and json.loads(body).get("method") == "tools/call"]
+    assert called == ["guide"], called
